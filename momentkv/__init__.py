@@ -1,0 +1,20 @@
+"""momentkv: a bounded KV cache for long generation with Hugging Face models.
+
+    handle = momentkv.patch(model, "moment.yaml")
+    out = model.generate(**inputs, max_new_tokens=4096)
+    handle.stats(); handle.remove()
+"""
+
+from momentkv.engine import EvictingCache, Handle, handle_of, patch, patched, unpatch
+from momentkv.errors import PolicyError
+from momentkv.policy import DecodePolicy, Policy, RatioBudget, builtin_policy_names, load_policy
+from momentkv.prefill import PrefillCompressor, register_prefill
+from momentkv.scoring import ScoreContext, Scorer, register_scorer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecodePolicy", "EvictingCache", "Handle", "Policy", "PolicyError", "PrefillCompressor", "RatioBudget",
+    "ScoreContext", "Scorer", "builtin_policy_names", "handle_of", "load_policy", "patch", "patched",
+    "register_prefill", "register_scorer", "unpatch",
+]

@@ -1,0 +1,43 @@
+"""The evicting cache: one :class:`EvictingLayer` per model layer, behind transformers' ``Cache`` seam."""
+
+from __future__ import annotations
+
+from transformers.cache_utils import Cache
+
+from momentkv.engine.layer import EvictingLayer
+from momentkv.engine.plan import LayerPlan
+
+
+class EvictingCache(Cache):
+    """A ``Cache`` whose layers hold the generated tokens to a policy's budget.
+
+    ``get_seq_length()`` counts tokens *seen* (positions keep counting after eviction);
+    ``get_query_offset()`` counts tokens *stored* in the mask's reference layer (where the query sits among
+    the keys it attends to).
+    """
+
+    def __init__(self, plans: list[LayerPlan], policy_name: str = "custom"):
+        super().__init__(layers=[EvictingLayer(plan) for plan in plans])
+        self.policy_name = policy_name
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].stored if layer_idx < len(self.layers) else 0
+
+    def stats(self) -> dict:
+        """Per-layer stats and totals: stored tokens, peak, evictions, bytes (see ``EvictingLayer.stats``)."""
+        layers = [layer.stats() for layer in self.layers]
+        batch_heads = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                batch_heads = layer.keys.shape[0] * layer.keys.shape[1]
+                break
+        return {
+            "policy": self.policy_name,
+            "layers": layers,
+            "seen": max((s["seen"] for s in layers), default=0),
+            "stored": sum(s["stored"] for s in layers),
+            "evicted": sum(s["evicted"] for s in layers),
+            "kv_bytes": sum(s["kv_bytes"] for s in layers),
+            "state_bytes": sum(s["state_bytes"] for s in layers),
+            "batch_x_kv_heads": batch_heads,
+        }

@@ -1,0 +1,60 @@
+"""The attention each cached token receives, per KV head, averaged over its query group, without repeat_kv.
+
+Grouped-query attention shares one KV head among ``groups = heads / kv_heads`` query heads. Reshaping the
+queries to ``(batch, kv_heads, groups * q, head_dim)`` lets one matmul against the un-expanded keys
+``(batch, kv_heads, S, head_dim)`` produce every query head's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """Logits ``(batch, kv_heads, groups, q, S)`` float32 with the attention mask applied."""
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    groups = h // kv
+    grouped = query.reshape(b, kv, groups * q, d)
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32).mul_(scaling)
+    logits = logits.view(b, kv, groups, q, key.shape[2])
+    if mask is not None:
+        m = mask[..., -q:, :]  # (b or 1, 1 or heads, q, S)
+        m = m.reshape(m.shape[0], kv, groups, q, m.shape[-1]) if m.shape[1] == h else m.unsqueeze(1)
+        if m.dtype == torch.bool:
+            logits = logits.masked_fill(~m, float("-inf"))
+        else:
+            logits = logits + m.to(torch.float32)
+    return logits
+
+
+def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """Softmax attention of the last query, averaged over each GQA group.
+
+    Args:
+        query: ``(batch, heads, 1, head_dim)``.
+        key: ``(batch, kv_heads, S, head_dim)``.
+        mask: ``None``, a bool mask (True = attend) or an additive float mask, shaped
+            ``(batch, 1 or heads, >= 1, S)``; its last query row is used.
+        scaling: the softmax scale (``head_dim ** -0.5`` for these families).
+
+    Returns:
+        ``(batch, kv_heads, S)`` float32; each row sums to 1 over the unmasked keys.
+    """
+    logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, 1, S)
+    probs = torch.softmax(logits, dim=-1)
+    return probs.mean(dim=2).squeeze(2)
+
+
+def window_group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+    """Softmax attention of the last ``w`` queries, averaged over each GQA group: ``(batch, kv_heads, w, S)``.
+
+    Used by SnapKV-style prefill compressors under SDPA, where the model returns no attention weights.
+    """
+    logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, w, S)
+    if mask is None:  # the causal part inside the window
+        w, s = query.shape[2], key.shape[2]
+        q_idx = torch.arange(s - w, s, device=key.device).view(w, 1)
+        logits = logits.masked_fill(torch.arange(s, device=key.device).view(1, s) > q_idx, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs.mean(dim=2)

@@ -1,0 +1,64 @@
+"""What a scorer is: a small pydantic model whose fields are its parameters, with one method over tensors.
+
+A scorer ranks the evictable tokens of one cache layer; the lowest combined score is evicted first.
+Every tensor it sees is shaped ``(batch, kv_heads, tokens)`` where ``tokens`` counts the layer's evictable
+slots (the generated tokens, unless the policy makes the prompt evictable too). A scorer keeps no state of
+its own: the cache layer owns one float32 ``state`` tensor per scorer, which moves with the slots through
+eviction, beam reordering and batch selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Normalization = Literal["none", "sum", "max", "zscore", "rank"]
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer may read at one decode step of one layer.
+
+    Attributes:
+        attention: ``(batch, kv_heads, tokens)`` float32, the softmax attention that the current query gives
+            each evictable token, averaged over the query heads that share its KV head; ``None`` when no
+            scorer of the policy asks for attention.
+        age: ``(batch, kv_heads, tokens)`` float32, decode steps since the token entered the cache (0 for
+            the token written at this step).
+        keys: ``(batch, kv_heads, tokens, head_dim)``, the cached keys of the evictable tokens (after RoPE).
+        state: ``(batch, kv_heads, tokens)`` float32, this scorer's memory; a new token's entry starts at 0.
+            Update it in place.
+    """
+
+    attention: torch.Tensor | None
+    age: torch.Tensor
+    keys: torch.Tensor
+    state: torch.Tensor
+
+
+class Scorer(BaseModel):
+    """Base class of every scorer. Subclass it, add pydantic fields for the parameters, implement ``update``.
+
+    ``type`` is the name the policy language uses; ``weight`` and ``normalize`` say how the scorer's output
+    joins the weighted sum that ranks tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    weight: float = Field(1.0, description="Factor of this scorer in the weighted sum of scores.")
+    normalize: Normalization = Field(
+        "none",
+        description="Rescaling per (batch, kv head) before weighting, so scorers of different scales combine: "
+        "none, sum (divide by the sum), max (divide by the maximum), zscore, rank (0 for the lowest, 1 for the highest).",
+    )
+
+    #: Whether ``ScoreContext.attention`` must be computed for this scorer (costs one q.K pass per layer).
+    needs_attention: ClassVar[bool] = True
+
+    def update(self, ctx: ScoreContext) -> torch.Tensor:
+        """Return this step's scores, ``(batch, kv_heads, tokens)`` float32; higher means keep."""
+        raise NotImplementedError

@@ -1,0 +1,29 @@
+"""Rescaling of a scorer's output per (batch, kv head), so that scorers of different scales can be summed."""
+
+from __future__ import annotations
+
+import torch
+
+_EPS = 1e-12
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Rescale ``scores`` ``(batch, kv_heads, tokens)`` along the token axis.
+
+    ``none`` returns the input; ``sum`` divides by the sum of absolute values; ``max`` by the largest absolute
+    value; ``zscore`` subtracts the mean and divides by the standard deviation; ``rank`` maps the lowest score
+    to 0 and the highest to 1 (ties keep their slot order).
+    """
+    if how == "none" or scores.shape[-1] == 0:
+        return scores
+    if how == "sum":
+        return scores / scores.abs().sum(-1, keepdim=True).clamp_min(_EPS)
+    if how == "max":
+        return scores / scores.abs().amax(-1, keepdim=True).clamp_min(_EPS)
+    if how == "zscore":
+        centred = scores - scores.mean(-1, keepdim=True)
+        return centred / centred.square().mean(-1, keepdim=True).sqrt().clamp_min(_EPS)
+    if how == "rank":
+        ranks = scores.argsort(-1, stable=True).argsort(-1, stable=True).to(torch.float32)
+        return ranks / max(scores.shape[-1] - 1, 1)
+    raise ValueError(f"unknown normalization {how!r}")

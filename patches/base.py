@@ -1,0 +1,55 @@
+"""What the engine needs to know about a model family, and the registry keyed by ``config.model_type``.
+
+Every supported family shares Llama's attention shape in transformers 5.x: projections (Qwen3 adds a
+per-head RMSNorm on q and k), RoPE, ``cache.update(k, v, layer_idx, kwargs=kwargs)``, then the attention
+function looked up by ``config._attn_implementation``. An adapter only states the facts that differ.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+ADAPTERS: dict[str, "FamilyAdapter"] = {}
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Facts about one model family.
+
+    Attributes:
+        model_type: ``config.model_type`` of the family.
+        modeling_module: the transformers module defining the family's attention (holds its eager function).
+        sliding: how the family assigns sliding windows to layers: ``none`` (Llama), ``all_layers`` (Mistral:
+            ``config.sliding_window`` on every layer when set), ``layer_types`` (Qwen2/3: the layers whose
+            ``config.layer_types`` entry is ``sliding_attention``).
+    """
+
+    model_type: str
+    modeling_module: str
+    sliding: str = "none"
+
+    def eager_attention(self) -> Callable:
+        """The family's own eager attention function (what ``attn_implementation="eager"`` runs)."""
+        return importlib.import_module(self.modeling_module).eager_attention_forward
+
+    def sliding_windows(self, config) -> list[int | None]:
+        """Per layer, the sliding window in tokens, or ``None`` for full attention."""
+        n = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        if self.sliding == "none" or window is None:
+            return [None] * n
+        if self.sliding == "all_layers":
+            return [window] * n
+        types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        return [window if t == "sliding_attention" else None for t in types]
+
+
+def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def adapter_for(model_type: str) -> FamilyAdapter | None:
+    return ADAPTERS.get(model_type)
