@@ -334,10 +334,17 @@ class EvictingLayer(CacheLayerMixin):
             return
         if self.plan.budget is None:
             return
+        attention = group_attention(query[:, :, -1:], key, mask, scaling) if self.plan.needs_attention else None
+        self.update_scores(attention)
+
+    def update_scores(self, attention: torch.Tensor | None) -> None:
+        """Fold one decode step into the scorers: ``attention`` ``(batch, kv_heads, S)`` over all stored slots.
+
+        Called by ``observe``; tests and ``momentkv.testing`` call it directly with synthetic attention.
+        """
         first = self.first_evictable
-        attention = None
-        if self.plan.needs_attention:
-            attention = group_attention(query[:, :, -1:], key, mask, scaling)[..., first:]
+        if attention is not None and first:
+            attention = attention[..., first:]
         pos = self.positions[..., first:]
         age = (self.seen - 1 - pos).to(torch.float32)
         keys = self.keys[..., first:, :]
