@@ -1,0 +1,5 @@
+import sys
+
+from momentkv.cli.main import main
+
+sys.exit(main())
