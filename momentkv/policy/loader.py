@@ -1,11 +1,21 @@
-"""Loading a policy from a built-in name, a YAML path, a mapping or a :class:`Policy`.
+"""Loading a policy from a built-in name, a YAML path, YAML text, a mapping or a :class:`Policy`.
 
-YAML is read with a safe loader that builds no Python objects and rejects duplicate keys; every problem is
-reported as a :class:`momentkv.PolicyError` naming the file, the line and the field path.
+YAML is composed with PyYAML's safe loader into a node tree (no Python object is ever constructed from a
+tag), and the tree is turned into plain data by :func:`_NodeReader`, which also records the line of every
+field. Duplicate keys, merge keys (``<<``), non-standard tags, documents that nest deeper than
+:data:`MAX_DEPTH` or expand (through aliases) to more than :data:`MAX_NODES` nodes are refused, so arbitrary
+input can neither build objects nor blow up. Validation errors from pydantic are mapped back through their
+field path to that line: every problem is a :class:`momentkv.PolicyError` such as
+``moment.yaml:7 decode.scorers[1].alpha: must be in (0, 1], got 1.5``, and all problems of a file are
+reported together.
+
+``extends: NAME`` starts from another policy (a path relative to the extending file, else a built-in name)
+and overrides it; see :func:`merge_policy_data` for the rules.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,33 +23,155 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from momentkv.errors import PolicyError
+from momentkv.errors import PolicyError, Problem
+from momentkv.policy.errors import format_path, problems_from_validation
 from momentkv.policy.schema import Policy
 
 PolicySource = Policy | dict | str | Path
 
+MAX_TEXT = 1_000_000  # characters in one policy file
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 20_000  # nodes after expanding aliases (guards against "billion laughs")
+MAX_EXTENDS = 16  # length of an extends chain
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+_STANDARD_TAGS = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
+_SCALAR_TYPES = (str, int, float, bool, type(None))
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                hash(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"unhashable mapping key {key!r}", key_node.start_mark
-                ) from None
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+
+@dataclass
+class PolicyData:
+    """Plain policy data with the place each field came from: ``marks[path] = (origin, line)``."""
+
+    data: Any
+    origin: str
+    marks: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
                 )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
+def _yaml_problem(err: yaml.YAMLError, origin: str) -> Problem:
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        message = " ".join(part for part in (err.context, err.problem) if part) or str(err)
+        return Problem(f"invalid YAML: {message}", origin, mark.line + 1 if mark else None)
+    if isinstance(err, yaml.reader.ReaderError):
+        return Problem(f"invalid YAML: {err.reason} (character {err.character!r})", origin)
+    return Problem(f"invalid YAML: {err}", origin)
+
+
+class _NodeReader:
+    """Turns a composed node tree into plain data, recording the line of every path."""
+
+    def __init__(self, loader: yaml.SafeLoader, origin: str):
+        self.loader = loader
+        self.origin = origin
+        self.marks: dict[tuple, tuple[str, int]] = {}
+        self.problems: list[Problem] = []
+        self.count = 0
+
+    def problem(self, message: str, node, path: tuple) -> None:
+        self.problems.append(Problem(message, self.origin, node.start_mark.line + 1, format_path(path)))
+
+    def read(self, node, path: tuple = (), line: int | None = None) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise PolicyError(Problem(f"document too large: more than {MAX_NODES} nodes (aliases included)", self.origin))
+        if len(path) > MAX_DEPTH:
+            raise PolicyError(Problem(f"nested deeper than {MAX_DEPTH} levels (a recursive alias?)", self.origin))
+        self.marks.setdefault(path, (self.origin, line if line is not None else node.start_mark.line + 1))
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        if node.tag != _STANDARD_TAGS[type(node)]:
+            self.problem(f"tag {node.tag!r} is not allowed in a policy", node, path)
+            return None
+        if isinstance(node, yaml.SequenceNode):
+            return [self.read(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self.mapping(node, path)
+
+    def scalar(self, node, path: tuple) -> Any:
+        try:
+            value = self.loader.construct_object(node)
+        except Exception as err:  # noqa: BLE001  (a bad int, date, tag... in arbitrary text is the user's error)
+            self.problem(f"cannot read value {node.value[:40]!r}: {getattr(err, 'problem', None) or err}", node, path)
+            return None
+        if not isinstance(value, _SCALAR_TYPES):
+            self.problem(f"a {type(value).__name__} ({node.value[:40]!r}) is not allowed in a policy", node, path)
+            return None
+        return value
+
+    def mapping(self, node, path: tuple) -> dict:
+        out: dict = {}
+        first_line: dict = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                what = "merge keys (<<) are not supported, use extends" if isinstance(key_node, yaml.ScalarNode) \
+                    else "a key must be a plain name"
+                self.problem(what, key_node, path)
+                continue
+            key = self.scalar(key_node, path)
+            if not isinstance(key, str):
+                self.problem(f"keys are names, got {key!r}", key_node, path)
+                continue
+            key_line = key_node.start_mark.line + 1
+            if key in out:
+                self.problem(f"duplicate key {key!r} (first on line {first_line[key]})", key_node, path + (key,))
+                continue
+            first_line[key] = key_line
+            out[key] = self.read(value_node, path + (key,), line=key_line)
+        return out
+
+
+def parse_policy_yaml(text: str, origin: str = "<text>") -> PolicyData:
+    """Parse one YAML document into plain data and field lines; :class:`PolicyError` for anything wrong."""
+    if not isinstance(text, str):
+        raise PolicyError(Problem(f"policy text must be a str, got {type(text).__name__}", origin))
+    if len(text) > MAX_TEXT:
+        raise PolicyError(Problem(f"file too large: {len(text)} characters, at most {MAX_TEXT}", origin))
+    loader = _DepthLimitedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise PolicyError(Problem("empty: a policy is a mapping of fields (name, decode, ...)", origin))
+        reader = _NodeReader(loader, origin)
+        data = reader.read(node)
+    except yaml.YAMLError as err:
+        raise PolicyError(_yaml_problem(err, origin)) from None
+    except RecursionError:
+        raise PolicyError(Problem(f"nested too deeply (at most {MAX_DEPTH} levels)", origin)) from None
+    finally:
+        loader.dispose()
+    if reader.problems:
+        raise PolicyError(reader.problems)
+    if not isinstance(data, dict):
+        raise PolicyError(Problem(f"a policy is a mapping of fields, got {_kind(data)}", origin, 1))
+    return PolicyData(data, origin, reader.marks)
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "text", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+# ----------------------------------------------------------------- sources and extends
 def builtin_policy_dir():
     """The folder of built-in policies (installed as the package ``momentkv.policies``)."""
     return resources.files("momentkv.policies")
@@ -50,62 +182,132 @@ def builtin_policy_names() -> list[str]:
     return sorted(p.name for p in builtin_policy_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def _resolve_path(source: str | Path) -> tuple[str, str]:
-    """Return ``(display name, YAML text)`` for a path or a built-in name (with or without ``.yaml``)."""
-    path = Path(source)
-    if path.is_file():
-        return str(path), path.read_text(encoding="utf-8")
-    name = path.name if path.name.endswith(".yaml") else f"{path.name}.yaml"
-    if str(path.parent) in ("", ".") and name in builtin_policy_names():
-        return name, builtin_policy_dir().joinpath(name).read_text(encoding="utf-8")
-    raise PolicyError(
-        f"{source}: no such policy file, and not a built-in policy; built-ins: {', '.join(builtin_policy_names())}"
-    )
+def _builtin_name(name: str) -> str | None:
+    if "/" in name or "\\" in name:
+        return None
+    name = name if name.endswith(".yaml") else f"{name}.yaml"
+    return name if name in builtin_policy_names() else None
 
 
-def parse_yaml(text: str, origin: str) -> Any:
-    """Parse YAML text safely; syntax errors and duplicate keys raise :class:`PolicyError` with the line."""
+def _is_file(path: Path) -> bool:
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise PolicyError(f"{origin}{line}: {err.problem or err}") from None
-    except yaml.YAMLError as err:
-        raise PolicyError(f"{origin}: {err}") from None
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte...
+        return False
 
 
-def _format_location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(policy)"
+_BUILTIN = "<built-in>"  # the "folder" of a built-in policy: its extends name built-ins only
 
 
-def validate_mapping(data: Any, origin: str) -> Policy:
-    """Build a :class:`Policy` from parsed data; all validation errors become one :class:`PolicyError`."""
-    if not isinstance(data, dict):
-        raise PolicyError(f"{origin}: a policy is a mapping of fields, got {type(data).__name__}")
+def _open(reference: str, base_dir, origin: str, line: int | None) -> tuple[str, str, Any, str]:
+    """Find ``reference``: ``(display name, text, folder for relative extends, identity for cycles)``.
+
+    ``base_dir`` is the extending file's folder, ``None`` for the working directory, or ``_BUILTIN``.
+    """
+    candidate = Path(reference) if base_dir is None else None if base_dir == _BUILTIN else base_dir / reference
+    if reference and candidate is not None and _is_file(candidate):
+        try:
+            text = candidate.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise PolicyError(Problem(f"cannot read {reference}: {err}", origin, line)) from None
+        return str(Path(reference) if base_dir is None else candidate), text, candidate.parent, str(candidate.resolve())
+    builtin = _builtin_name(reference) if reference else None
+    if builtin is not None:
+        text = builtin_policy_dir().joinpath(builtin).read_text(encoding="utf-8")
+        return builtin, text, _BUILTIN, f"builtin:{builtin}"
+    where = f" (looked in {base_dir})" if isinstance(base_dir, Path) else ""
+    raise PolicyError(Problem(
+        f"{reference!r}: no such policy file{where}, and not a built-in policy; built-ins: "
+        f"{', '.join(builtin_policy_names())}", origin, line, "extends" if line is not None else "",
+    ))
+
+
+def merge_policy_data(base: Any, override: Any) -> Any:
+    """Deep-merge ``override`` onto ``base`` (the ``extends`` rule).
+
+    - mappings merge key by key, recursively;
+    - a mapping whose ``type`` differs from the base's (another scorer or compressor) replaces it whole;
+    - everything else, lists included, replaces: ``scorers: [...]`` is the new list, ``decode: null``
+      switches decode-time eviction off, ``budget: {ratio: 0.5}`` replaces ``budget: 128``.
+    """
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    if "type" in override and override.get("type") != base.get("type"):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge_policy_data(base[key], value) if key in base else value
+    return merged
+
+
+def _merged_marks(data: Any, base: dict, override: dict, path: tuple = ()) -> dict:
+    """Marks for the merged ``data``: where the override wrote a path, its line; elsewhere the base's."""
+    marks = {}
+    mark = override.get(path) or base.get(path)
+    if mark is not None:
+        marks[path] = mark
+    children = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in children:
+        marks.update(_merged_marks(value, base, override, path + (key,)))
+    return marks
+
+
+def resolve_extends(doc: PolicyData, base_dir, chain: tuple[str, ...] = ()) -> PolicyData:
+    """Apply ``doc``'s ``extends`` (recursively); returns data without ``extends``."""
+    if "extends" not in doc.data:
+        return doc
+    data = dict(doc.data)
+    reference = data.pop("extends")
+    origin, line = doc.marks.get(("extends",), (doc.origin, None))
+    if not isinstance(reference, str) or not reference:
+        raise PolicyError(Problem(
+            f"must be a policy name or a path relative to this file, got {reference!r}", origin, line, "extends"
+        ))
+    if len(chain) >= MAX_EXTENDS:
+        raise PolicyError(Problem(f"extends chain longer than {MAX_EXTENDS}", origin, line, "extends"))
+    name, text, parent_dir, identity = _open(reference, base_dir, origin, line)
+    if identity in chain:
+        cycle = " -> ".join([*chain[chain.index(identity):], identity])
+        raise PolicyError(Problem(f"extends cycle: {cycle}", origin, line, "extends"))
+    base = resolve_extends(parse_policy_yaml(text, name), parent_dir, chain + (identity,))
+    merged = merge_policy_data(base.data, data)
+    return PolicyData(merged, doc.origin, _merged_marks(merged, base.marks, doc.marks))
+
+
+# ----------------------------------------------------------------- validation
+def validate_policy_data(doc: PolicyData) -> Policy:
+    """Build a :class:`Policy`; every validation error becomes a :class:`Problem` with its line."""
     try:
-        return Policy.model_validate(data)
+        return Policy.model_validate(doc.data)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in {"int", "RatioBudget"})))
-            problems.append(f"{origin} {_format_location(loc)}: {e['msg']}")
-        raise PolicyError(problems) from None
+        raise PolicyError(problems_from_validation(err, doc.data, doc.marks, doc.origin)) from None
+
+
+def validate_mapping(data: Any, origin: str = "<dict>") -> Policy:
+    """Build a :class:`Policy` from parsed data (``extends`` resolved against the working directory)."""
+    if not isinstance(data, dict):
+        raise PolicyError(Problem(f"a policy is a mapping of fields, got {_kind(data)}", origin))
+    return validate_policy_data(resolve_extends(PolicyData(data, origin), None, ()))
+
+
+def loads_policy(text: str, origin: str = "<text>", base_dir: str | Path | None = None) -> Policy:
+    """A :class:`Policy` from YAML text; a relative ``extends`` is looked up in ``base_dir`` (default: cwd)."""
+    doc = parse_policy_yaml(text, origin)
+    return validate_policy_data(resolve_extends(doc, Path(base_dir) if base_dir is not None else None, (origin,)))
 
 
 def load_policy(source: PolicySource) -> Policy:
-    """Return a validated, frozen :class:`Policy` from a Policy, a mapping, a path or a built-in name."""
+    """Return a validated, frozen :class:`Policy` from a Policy, a mapping, a path or a built-in name.
+
+    A path is tried first; a bare name (``moment`` or ``moment.yaml``) that is no file is a built-in.
+    """
     if isinstance(source, Policy):
         return source
     if isinstance(source, dict):
         return validate_mapping(source, "<dict>")
     if isinstance(source, (str, Path)):
-        origin, text = _resolve_path(source)
-        return validate_mapping(parse_yaml(text, origin), origin)
+        name, text, parent_dir, identity = _open(str(source), None, str(source), None)
+        doc = parse_policy_yaml(text, name)
+        return validate_policy_data(resolve_extends(doc, parent_dir, (identity,)))
     raise PolicyError(f"a policy is a built-in name, a path, a dict or a Policy, got {type(source).__name__}")
+

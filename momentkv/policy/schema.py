@@ -1,10 +1,16 @@
-"""The policy language as pydantic models: frozen, unknown fields forbidden, components tagged by ``type``.
+"""The policy language as pydantic models: frozen, strict, unknown fields forbidden, components tagged by ``type``.
 
 A policy has two phases:
 
 - ``prefill``: a prefill compressor (``keep`` by default: the prompt's cache stays intact);
 - ``decode``: the budget that holds the generated tokens' cache, the tokens it protects, and the scorers
   whose weighted sum ranks the rest. ``decode: null`` means no decode-time eviction (the full cache).
+
+Components (scorers, prefill compressors) are written ``{type: name, ...}`` and looked up in their registries
+at validation time, so a scorer registered after this module was imported (by a user, or through the
+``momentkv.scorers`` entry point) is as valid as a built-in one. A component's own validation errors are
+carried up with their field paths (see :func:`component_errors`), and cross-field rules report the exact field
+that breaks them, so the loader can point at a YAML line for each.
 """
 
 from __future__ import annotations
@@ -13,28 +19,42 @@ import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator,
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializeAsAny, Tag, ValidationError,
+    field_validator, model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
 from momentkv.scoring import Scorer, scorer_class, scorer_names
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML already gives typed scalars; `sinks: true` or `budget: "128"` is a mistake, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _listify(value: Any) -> Any:
+    """Tuples are lists in the Python API (strict validation would reject them otherwise)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def rule_error(problems: list[tuple[tuple, str]]) -> PydanticCustomError:
+    """A cross-field error that names, for each problem, the field (relative to the model) that breaks it."""
+    details = "; ".join(f"{'.'.join(map(str, at)) or '(model)'}: {msg}" for at, msg in problems)
+    return PydanticCustomError("policy_rule", "{details}", {"details": details, "problems": problems})
 
 
 class RatioBudget(_Frozen):
     """A budget that grows with the output: ``clamp(ceil(ratio * generated), floor, cap)`` tokens."""
 
-    ratio: float = Field(..., gt=0.0, le=1.0, description="Fraction of the generated tokens kept, in (0, 1].")
-    floor: int = Field(16, ge=1, description="Never fewer tokens than this.")
-    cap: int | None = Field(None, ge=1, description="Never more tokens than this (null: no cap).")
+    ratio: float = Field(..., gt=0.0, le=1.0, description="Fraction of the generated tokens kept.")
+    floor: int = Field(16, ge=1, description="Never fewer tokens than this (the budget of the first steps).")
+    cap: int | None = Field(None, ge=1, description="Never more tokens than this; null: no cap.")
 
     @model_validator(mode="after")
     def _cap_over_floor(self):
         if self.cap is not None and self.cap < self.floor:
-            raise ValueError(f"cap ({self.cap}) must be at least floor ({self.floor})")
+            raise rule_error([(("cap",), f"must be at least floor ({self.floor}), got {self.cap}")])
         return self
 
     def tokens(self, generated: int) -> int:
@@ -47,67 +67,166 @@ class RatioBudget(_Frozen):
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
-BudgetValue = PositiveInt | RatioBudget
+LayerIndex = Annotated[int, Field(ge=0)]
 
 
-def _parse_component(value: Any, lookup, names, what: str):
-    """Turn ``{type: name, ...}`` into the registered component class (already-built objects pass)."""
-    if isinstance(value, BaseModel):
-        return value
-    if isinstance(value, str):
-        value = {"type": value}
-    if not isinstance(value, dict):
-        raise ValueError(f"a {what} is a mapping with a 'type' key, got {type(value).__name__}")
-    kind = value.get("type")
-    if not isinstance(kind, str):
-        raise ValueError(f"a {what} needs 'type': one of {', '.join(names())}")
-    try:
-        cls = lookup(kind)
-    except KeyError:
-        raise ValueError(f"unknown {what} type {kind!r}; known: {', '.join(names())}") from None
-    return cls.model_validate(value)
+def _budget_kind(value: Any) -> str | None:
+    """Which form of budget ``value`` is written in; ``None`` for none of them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return "budget:tokens"  # a float is reported as "must be an integer", not as a form error
+    if isinstance(value, (dict, RatioBudget)):
+        return "budget:ratio"
+    if isinstance(value, (list, tuple)):
+        return "budget:schedule"
+    return None
+
+
+BudgetValue = Annotated[
+    Annotated[PositiveInt, Tag("budget:tokens")]
+    | Annotated[RatioBudget, Tag("budget:ratio")]
+    | Annotated[list[PositiveInt], Field(min_length=1), BeforeValidator(_listify), Tag("budget:schedule")],
+    Discriminator(
+        _budget_kind,
+        custom_error_type="budget_form",
+        custom_error_message="must be an integer, a {ratio, floor, cap} mapping, or a list of integers",
+    ),
+]
+
+
+def component_errors(err: ValidationError) -> list[dict]:
+    """The errors of a component, kept with their field paths for the loader to place."""
+    return err.errors(include_url=False)
+
+
+def _component_parser(base: type[BaseModel], lookup, names, what: str):
+    """A validator turning ``{type: name, ...}`` (or ``name``) into the class registered as ``name``."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, base):
+            try:
+                registered = lookup(value.type)
+            except KeyError:
+                registered = None
+            if registered is not type(value):
+                raise PydanticCustomError(
+                    "component_unregistered",
+                    "{cls} is not the {what} registered as {name}; decorate it with the register function",
+                    {"cls": type(value).__qualname__, "what": what, "name": repr(value.type)},
+                )
+            return value
+        if isinstance(value, str):
+            value = {"type": value}
+        if not isinstance(value, dict):
+            raise PydanticCustomError(
+                "component_form", "a {what} is a mapping with a type (type: name, ...) or a name", {"what": what}
+            )
+        kind = value.get("type")
+        known = ", ".join(names())
+        if "type" not in value:
+            raise PydanticCustomError(
+                "component_type_missing", "a {what} needs 'type', one of: {known}", {"what": what, "known": known}
+            )
+        try:
+            cls = lookup(kind) if isinstance(kind, str) else None
+        except KeyError:
+            cls = None
+        if cls is None:
+            raise PydanticCustomError(
+                "component_type_unknown",
+                "unknown {what} type {kind}; known: {known}",
+                {"what": what, "kind": repr(kind), "known": known, "at": ("type",)},
+            )
+        try:
+            return cls.model_validate(value)
+        except ValidationError as err:
+            errors = component_errors(err)
+            details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+            raise PydanticCustomError(
+                "component_invalid", "{what} {kind}: {details}",
+                {"what": what, "kind": repr(kind), "details": details, "errors": errors},
+            ) from None
+
+    return parse
+
+
+def _parse_scorers(value: Any) -> Any:
+    return _listify(value)
+
+
+ScorerItem = Annotated[
+    SerializeAsAny[Scorer], BeforeValidator(_component_parser(Scorer, scorer_class, scorer_names, "scorer"))
+]
+PrefillItem = Annotated[
+    SerializeAsAny[PrefillCompressor],
+    BeforeValidator(_component_parser(PrefillCompressor, prefill_class, prefill_names, "prefill compressor")),
+]
 
 
 class DecodePolicy(_Frozen):
     """How the generated tokens' cache is held to a budget."""
 
-    budget: BudgetValue | list[PositiveInt] = Field(
+    budget: BudgetValue = Field(
         ...,
-        description="Generated tokens kept per layer and KV head: an integer, a ratio budget "
-        "{ratio, floor, cap}, or a list of integers interpolated linearly across the layers.",
+        description="Evictable tokens kept per layer and KV head: an integer; a ratio budget {ratio, floor, cap} "
+        "that grows with the output; or a list of integers interpolated linearly from the first layer to the "
+        "last (a layer budget schedule).",
     )
-    sinks: int = Field(0, ge=0, description="The first generated tokens, never evicted.")
-    recent: int = Field(0, ge=0, description="The newest tokens (the incoming one included), never evicted.")
-    cadence: int = Field(1, ge=1, description="Evict every k steps, down to the budget (1: every step).")
+    sinks: int = Field(0, ge=0, description="The first generated tokens, never evicted (attention sinks).")
+    recent: int = Field(
+        0, ge=0, description="The newest tokens, never evicted; the incoming token is always kept, so 0 acts as 1."
+    )
+    cadence: int = Field(
+        1, ge=1,
+        description="Evict every k steps, down to the budget, amortising the ranking: between evictions the "
+        "layer holds up to budget + cadence - 1 tokens. 1: evict one token each step once full.",
+    )
     granularity: Literal["head", "layer"] = Field(
         "head", description="head: each KV head evicts its own tokens; layer: one choice shared by the heads."
     )
     scope: Literal["decode", "all"] = Field(
-        "decode", description="decode: only generated tokens are evictable; all: prompt tokens too."
+        "decode",
+        description="decode: only generated tokens are evictable (the prompt stays); all: prompt tokens too, "
+        "and the budget counts them.",
     )
-    uncompressed_layers: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=list, description="Layer indices that keep their whole cache."
+    uncompressed_layers: Annotated[list[LayerIndex], BeforeValidator(_listify)] = Field(
+        default_factory=list, description="Layer indices (0-based) that keep their whole cache."
     )
-    scorers: list[SerializeAsAny[Scorer]] = Field(
-        ..., min_length=1, description="Scorers whose weighted sum ranks tokens; the lowest is evicted."
+    scorers: Annotated[list[ScorerItem], BeforeValidator(_parse_scorers)] = Field(
+        ..., min_length=1,
+        description="Scorers whose weighted sum ranks the evictable tokens; the lowest is evicted.",
     )
-
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _build_scorers(cls, value):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError("scorers is a list of {type: ...} mappings")
-        return [_parse_component(v, scorer_class, scorer_names, "scorer") for v in value]
 
     @model_validator(mode="after")
-    def _budget_holds_protected(self):
+    def _cross_field_rules(self):
+        problems = []
         protected = self.sinks + max(self.recent, 1)
+        why = f"sinks + max(recent, 1) = {protected} tokens are protected"
+        if isinstance(self.budget, list):
+            where = [(("budget", i), b) for i, b in enumerate(self.budget)]
+        elif isinstance(self.budget, RatioBudget):
+            where = [(("budget", "floor"), self.budget.floor)]
+        else:
+            where = [(("budget",), self.budget)]
+        for at, value in where:
+            if value < protected:
+                problems.append((at, f"must be at least {protected} ({why}), got {value}"))
         smallest = min(self.layer_budget_minimums())
-        if smallest < protected:
-            raise ValueError(
-                f"budget ({smallest}) must be at least sinks + recent ({self.sinks} + {max(self.recent, 1)}): "
-                "the protected tokens alone would exceed it"
+        if self.cadence > smallest:
+            problems.append(
+                (("cadence",), f"must be at most the smallest budget ({smallest}), got {self.cadence}: between "
+                 "evictions a layer would hold more than twice its budget")
             )
+        seen: dict[int, int] = {}
+        for i, layer in enumerate(self.uncompressed_layers):
+            if layer in seen:
+                problems.append((("uncompressed_layers", i), f"layer {layer} is already listed at [{seen[layer]}]"))
+            seen.setdefault(layer, i)
+        if all(s.weight == 0 for s in self.scorers):
+            problems.append((("scorers",), "at least one scorer needs a non-zero weight"))
+        if problems:
+            raise rule_error(problems)
         return self
 
     def layer_budget_minimums(self) -> list[int]:
@@ -116,7 +235,9 @@ class DecodePolicy(_Frozen):
         return [self.budget.minimum() if isinstance(self.budget, RatioBudget) else self.budget]
 
     def budget_for_layer(self, layer_idx: int, num_layers: int) -> int | RatioBudget:
-        """This layer's budget: lists are interpolated linearly from the first to the last layer."""
+        """This layer's budget. A list of ``n`` points is spread evenly from layer 0 to the last layer and
+        interpolated linearly in between (rounded to the nearest token); a list as long as the model has
+        layers gives each layer its own budget, a single point gives every layer the same."""
         if not isinstance(self.budget, list):
             return self.budget
         points = self.budget
@@ -129,6 +250,14 @@ class DecodePolicy(_Frozen):
         frac = x - lo
         return max(1, round(points[lo] * (1 - frac) + points[lo + 1] * frac))
 
+    def problems_for_model(self, num_layers: int) -> list[str]:
+        """What this decode policy asks that a model of ``num_layers`` layers cannot do (empty: nothing)."""
+        return [
+            f"decode.uncompressed_layers[{i}]: layer {layer} does not exist, the model has {num_layers} layers"
+            for i, layer in enumerate(self.uncompressed_layers)
+            if layer >= num_layers
+        ]
+
     @property
     def needs_attention(self) -> bool:
         return any(s.needs_attention for s in self.scorers)
@@ -137,21 +266,26 @@ class DecodePolicy(_Frozen):
 class Policy(_Frozen):
     """A complete policy: what the prompt keeps, and how the generated tokens are held to a budget."""
 
-    name: str = Field("custom", description="Short name shown in stats and reports.")
-    description: str = Field("", description="One line on what the policy does.")
-    prefill: SerializeAsAny[PrefillCompressor] = Field(
+    name: str = Field(
+        "custom", min_length=1, max_length=200, pattern=r"^[^\r\n]*$",
+        description="Short name shown in stats and reports (one line).",
+    )
+    description: str = Field("", description="What the policy does.")
+    prefill: PrefillItem = Field(
         default_factory=KeepAll, description="Prefill compressor; keep (default) leaves the prompt intact."
     )
     decode: DecodePolicy | None = Field(None, description="Decode-time eviction; null keeps every generated token.")
 
     @field_validator("prefill", mode="before")
     @classmethod
-    def _build_prefill(cls, value):
-        if value is None:
-            return KeepAll()
-        return _parse_component(value, prefill_class, prefill_names, "prefill compressor")
+    def _default_prefill(cls, value):
+        return KeepAll() if value is None else value
 
     @property
     def evicts(self) -> bool:
         """Whether this policy ever removes a token (otherwise the cache equals the full cache)."""
         return self.decode is not None or self.prefill.type != "keep"
+
+    def problems_for_model(self, num_layers: int) -> list[str]:
+        """What this policy asks that a model of ``num_layers`` layers cannot do (empty: nothing)."""
+        return [] if self.decode is None else self.decode.problems_for_model(num_layers)

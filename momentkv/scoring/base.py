@@ -46,10 +46,14 @@ class Scorer(BaseModel):
     joins the weighted sum that ranks tokens.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a quoted "0.5" or a bool where a number belongs is a mistake in a policy file, not a value.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: str
-    weight: float = Field(1.0, description="Factor of this scorer in the weighted sum of scores.")
+    weight: float = Field(
+        1.0, allow_inf_nan=False,
+        description="Factor of this scorer in the weighted sum of scores (finite; 0 mutes the scorer).",
+    )
     normalize: Normalization = Field(
         "none",
         description="Rescaling per (batch, kv head) before weighting, so scorers of different scales combine: "

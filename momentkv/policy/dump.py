@@ -1,0 +1,103 @@
+"""From a :class:`Policy` back to YAML, and one-line summaries.
+
+``loads_policy(dump_policy(p)) == p`` for every valid policy ``p``: the dump writes every field (defaults
+included, so a dump is a complete, self-standing policy with no ``extends``), components with their
+``type`` first, and lists of numbers in flow style.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+
+
+class _PolicyDumper(yaml.SafeDumper):
+    """Safe dumper: block mappings, flow style for lists of plain numbers (budget schedules, layers)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list):
+    flow = bool(data) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_PolicyDumper.add_representer(list, _represent_list)
+
+
+def _component(model) -> dict:
+    data = model.model_dump(mode="python")
+    return {"type": data.pop("type"), **data}
+
+
+def policy_to_data(policy: Policy) -> dict[str, Any]:
+    """The plain data (dicts, lists, scalars) that describes ``policy``; ``validate_mapping`` inverts it."""
+    decode = policy.decode
+    out: dict[str, Any] = {
+        "name": policy.name,
+        "description": policy.description,
+        "prefill": _component(policy.prefill),
+        "decode": None,
+    }
+    if decode is not None:
+        budget = decode.budget
+        out["decode"] = {
+            "budget": budget.model_dump(mode="python") if isinstance(budget, RatioBudget) else budget,
+            **{name: getattr(decode, name) for name in DecodePolicy.model_fields if name not in ("budget", "scorers")},
+            "scorers": [_component(s) for s in decode.scorers],
+        }
+        out["decode"]["uncompressed_layers"] = list(decode.uncompressed_layers)
+        if isinstance(budget, list):
+            out["decode"]["budget"] = list(budget)
+    return out
+
+
+def dump_policy(policy: Policy) -> str:
+    """``policy`` as YAML text that loads back to an equal policy."""
+    return yaml.dump(
+        policy_to_data(policy), Dumper=_PolicyDumper, sort_keys=False, allow_unicode=True, width=100,
+    )
+
+
+def _describe_budget(decode: DecodePolicy) -> str:
+    budget = decode.budget
+    if isinstance(budget, RatioBudget):
+        cap = f", cap {budget.cap}" if budget.cap is not None else ""
+        return f"{budget.ratio:g} of generated (floor {budget.floor}{cap})"
+    if isinstance(budget, list):
+        return f"schedule {budget[0]}..{budget[-1]} over {len(budget)} points"
+    return f"{budget} tokens"
+
+
+def _describe_scorer(scorer) -> str:
+    """``ema(alpha=0.9, bias_correction=True)``: every parameter, weight and normalize when not neutral."""
+    params = scorer.model_dump(exclude={"type"})
+    if params.get("weight") == 1.0:
+        params.pop("weight")
+    if params.get("normalize") == "none":
+        params.pop("normalize")
+    inner = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{scorer.type}({inner})" if inner else scorer.type
+
+
+def summarize(policy: Policy) -> str:
+    """One line: name, prefill, budget, protected tokens and scorers."""
+    parts = [policy.name]
+    if policy.prefill.type != "keep":
+        parts.append(f"prefill {_describe_scorer(policy.prefill)}")
+    decode = policy.decode
+    if decode is None:
+        parts.append("no decode eviction (full cache)")
+        return "; ".join(parts)
+    parts.append(f"budget {_describe_budget(decode)}")
+    if decode.sinks or decode.recent:
+        parts.append(f"sinks {decode.sinks}, recent {decode.recent}")
+    if decode.cadence != 1:
+        parts.append(f"cadence {decode.cadence}")
+    if decode.granularity != "head" or decode.scope != "decode":
+        parts.append(f"{decode.granularity} granularity, scope {decode.scope}")
+    if decode.uncompressed_layers:
+        parts.append(f"uncompressed layers {list(decode.uncompressed_layers)}")
+    parts.append("scorers " + " + ".join(_describe_scorer(s) for s in decode.scorers))
+    return "; ".join(parts)
