@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from momentkv.engine.group_attention import group_attention, window_group_attention
+from momentkv.engine.group_attention import group_attention
 from momentkv.engine.plan import LayerPlan
 from momentkv.prefill.base import PrefillContext
+from momentkv.prefill.window import prompt_window_attention
 from momentkv.scoring.base import ScoreContext
 from momentkv.scoring.normalize import normalize_scores
 
@@ -61,7 +62,8 @@ class EvictingLayer(CacheLayerMixin):
         self.states: list[torch.Tensor] = []
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
-        self._window_attention: torch.Tensor | None = None
+        self._window_queries: torch.Tensor | None = None  # (b, heads, <= window, d): the last prompt queries
+        self._scaling = 1.0
         self._last_attention: torch.Tensor | None = None  # (b, h, prompt) for scope: all
         self._prompt_keep: torch.Tensor | None = None  # slots the prefill compressor kept
 
@@ -161,33 +163,42 @@ class EvictingLayer(CacheLayerMixin):
         self._compress_prompt()
         b, h, s = self.positions.shape
         evictable = s - self.first_evictable
-        if self.plan.scope == "all" and self._last_attention is not None:
-            # Prompt tokens enter the ranking with the attention the last prompt query gave them (as TOVA).
+        zeros = torch.zeros((b, h, evictable), dtype=torch.float32, device=self.device)
+        self.states = [zeros.clone() for _ in self.plan.scorers]
+        self.scores = zeros
+        if self.plan.scope == "all" and self.plan.budget is not None:
+            # Prompt tokens enter the ranking as if the last prompt query were the first scoring step: each
+            # scorer folds in the attention that query gave them (TOVA's ranking of the prompt), or its
+            # position/key score for scorers that need no attention.
             start = self._last_attention
-            if self._prompt_keep is not None:
+            if start is not None and self._prompt_keep is not None:
                 start = start.gather(2, self._prompt_keep)
-            self.states = [start.clone() for _ in self.plan.scorers]
-            self.scores = start.clone()
-        else:
-            zeros = torch.zeros((b, h, evictable), dtype=torch.float32, device=self.device)
-            self.states = [zeros.clone() for _ in self.plan.scorers]
-            self.scores = zeros
-        self._window_attention = self._last_attention = self._prompt_keep = None
+            self.update_scores(start if self.plan.needs_attention else None)
+        self._window_queries = self._last_attention = self._prompt_keep = None
 
     def _compress_prompt(self) -> None:
+        """Keep the prompt slots the prefill compressor selects (nothing when the prompt fits its capacity).
+
+        Runs at the first decode step, when every prompt slot is still at its own index (slot j = token j).
+        """
         compressor = self.plan.prefill
-        capacity = compressor.capacity(self.prompt_slots, self.plan.layer_idx, self.plan.num_layers)
+        capacity = compressor.layer_capacity(self.prompt_slots, self.plan.layer_idx, self.plan.num_layers)
         if capacity is None or capacity >= self.prompt_slots:
             return
         b, h, _ = self.positions.shape
         valid = self.valid[:, 0] if self.valid is not None else torch.ones(
             (b, self.prompt_slots), dtype=torch.bool, device=self.device
         )
+        window_attention = None
+        if self._window_queries is not None:
+            window_attention = prompt_window_attention(
+                self._window_queries, self.keys, valid, self._scaling, self.plan.sliding_window
+            )
         ctx = PrefillContext(
             layer_idx=self.plan.layer_idx,
             num_layers=self.plan.num_layers,
             keys=self.keys,
-            window_attention=self._window_attention,
+            window_attention=window_attention,
             valid=valid,
         )
         keep = compressor.select(ctx, capacity).sort(dim=-1).values  # (b, h, capacity), ascending positions
@@ -290,8 +301,10 @@ class EvictingLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = pick(self.scores)
         self.states = [pick(s) for s in self.states]
-        if self._window_attention is not None:
-            self._window_attention = pick(self._window_attention)
+        if self._window_queries is not None:
+            self._window_queries = pick(self._window_queries)
+        if self._last_attention is not None:
+            self._last_attention = pick(self._last_attention)
 
     # ----------------------------------------------------------------- from the attention function
     def attention_mask(self, mask, query: torch.Tensor, key: torch.Tensor, additive: bool):
@@ -365,21 +378,32 @@ class EvictingLayer(CacheLayerMixin):
                 self.valid = valid.unsqueeze(1).expand(-1, key.shape[1], -1).contiguous()
         window = self.plan.prefill.window_size()
         if window:
-            self._window_attention = window_group_attention(query[:, :, -window:], key, mask, scaling)
-        if self.plan.scope == "all" and self.plan.budget is not None:
+            # Keep the last `window` query states (a copy: a view would hold the whole prompt's queries);
+            # their attention is computed once at the end of the prompt. A chunk shorter than the window
+            # continues the window of the chunks before it.
+            recent = query[:, :, -window:]
+            if self._window_queries is not None and q_len < window:
+                recent = torch.cat([self._window_queries, recent], dim=2)[:, :, -window:]
+            self._window_queries = recent.clone()
+            self._scaling = scaling
+        if self.plan.scope == "all" and self.plan.needs_attention:
             self._last_attention = group_attention(query[:, :, -1:], key, mask, scaling)
 
     # ----------------------------------------------------------------- reporting
     def stats(self) -> dict:
         """Stored tokens, peak, evictions and bytes of this layer (per batch row and KV head)."""
         kv_bytes = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        prompt_stored = self.prompt_slots
+        if self.plan.scope == "all" and self.positions is not None and not self.in_prefill:
+            # Decode eviction reaches the prompt: count the prompt tokens still held (the most of any head).
+            prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max()) if self.stored else 0
         state_bytes = sum(t.nbytes for t in [self.positions, self.valid, self.scores, *self.states] if t is not None)
         return {
             "layer": self.plan.layer_idx,
             "seen": self.seen,
             "stored": self.stored,
-            "prompt_stored": self.prompt_slots,
-            "generated_stored": self.stored - self.prompt_slots,
+            "prompt_stored": prompt_stored,
+            "generated_stored": self.stored - prompt_stored,
             "peak": self.peak_slots,
             "evicted": self.evicted,
             "budget": self.plan.budget_at(self.generated),
