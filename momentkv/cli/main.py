@@ -12,6 +12,7 @@ import sys
 
 # Each entry is a module of momentkv.cli with a ``register(subparsers)`` function.
 COMMAND_MODULES: tuple[str, ...] = (
+    "policy_cmd",
 )
 
 

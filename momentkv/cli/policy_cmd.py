@@ -1,0 +1,56 @@
+"""``momentkv validate FILE...``, ``momentkv policies`` and ``momentkv show NAME``: the policy language's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from momentkv.errors import PolicyError
+from momentkv.policy import builtin_policy_names, dump_policy, load_policy, summarize
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Exit 0 with one summary line per valid file; exit 1 with every problem of every invalid file."""
+    failed = False
+    for source in args.files:
+        try:
+            policy = load_policy(source)
+        except PolicyError as err:
+            failed = True
+            for problem in err.problems:
+                print(problem, file=sys.stderr)
+            continue
+        print(f"{source}: ok: {summarize(policy)}")
+    return 1 if failed else 0
+
+
+def policies(args: argparse.Namespace) -> int:
+    """One line per built-in policy: its name and description."""
+    names = builtin_policy_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {load_policy(name).description}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """The resolved policy (``extends`` applied, defaults written) as YAML."""
+    try:
+        policy = load_policy(args.name)
+    except PolicyError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    sys.stdout.write(dump_policy(policy))
+    return 0
+
+
+def register(subparsers) -> None:
+    cmd = subparsers.add_parser("validate", help="check policy files; print a summary or every error")
+    cmd.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files or built-in names")
+    cmd.set_defaults(func=validate)
+    cmd = subparsers.add_parser("policies", help="list the built-in policies")
+    cmd.set_defaults(func=policies)
+    cmd = subparsers.add_parser("show", help="print a policy resolved (extends applied) as YAML")
+    cmd.add_argument("name", metavar="NAME", help="a built-in name or a policy file")
+    cmd.set_defaults(func=show)
