@@ -24,6 +24,6 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
         centred = scores - scores.mean(-1, keepdim=True)
         return centred / centred.square().mean(-1, keepdim=True).sqrt().clamp_min(_EPS)
     if how == "rank":
-        ranks = scores.argsort(-1, stable=True).argsort(-1, stable=True).to(torch.float32)
+        ranks = scores.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float32)
         return ranks / max(scores.shape[-1] - 1, 1)
     raise ValueError(f"unknown normalization {how!r}")
