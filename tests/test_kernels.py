@@ -1,0 +1,309 @@
+"""The fused decode-attention kernel against its torch reference, and the reference against a naive one.
+
+On a CUDA machine the Triton kernel runs natively. Without CUDA it runs under triton's CPU interpreter in one
+subprocess started with ``TRITON_INTERPRET=1`` (see the kernel section below), so no other test sees the
+variable. Shapes are tiny because the interpreter executes every program in Python.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from momentkv.kernels import decode_attention_reference, fused_decode_attention, triton_available
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# (atol, rtol) per input dtype. ``out`` is rounded to the input dtype and, on a GPU, the kernel multiplies
+# bf16/fp16 probabilities with V as tensor cores do; ``attn`` and the EMA state are float32 computed from the
+# same products, so they stay tight for every dtype.
+OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+ATTN_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-5, 1e-4), torch.bfloat16: (1e-5, 1e-4)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "tensor"):
+    """``allclose`` that treats NaN/inf as mismatches unless both sides agree, and names the first bad indices."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nan_bad = torch.isnan(a) != torch.isnan(e)
+    inf_bad = (torch.isinf(a) | torch.isinf(e)) & (a != e)
+    finite = torch.isfinite(a) & torch.isfinite(e)
+    diff = (a - e).abs()
+    value_bad = finite & (diff > atol + rtol * e.abs())
+    bad = nan_bad | inf_bad | value_bad
+    if not bad.any():
+        return
+    idx = bad.nonzero()[:5].tolist()
+    shown = ", ".join(f"{tuple(i)}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in idx)
+    raise AssertionError(
+        f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (nan {int(nan_bad.sum())}, inf {int(inf_bad.sum())}, "
+        f"max finite abs diff {diff[finite].max().item() if finite.any() else float('nan'):.3g}, "
+        f"atol {atol}, rtol {rtol}); first: {shown}"
+    )
+
+
+def test_assert_close_reports_nan_and_first_index():
+    expected = torch.zeros(2, 3)
+    with pytest.raises(AssertionError, match=r"nan 1.*\(1, 2\)"):
+        assert_close(torch.tensor([[0.0, 0, 0], [0, 0, float("nan")]]), expected, 1e-3, 0)
+    with pytest.raises(AssertionError, match=r"inf 1"):
+        assert_close(torch.tensor([[float("inf"), 0, 0], [0, 0, 0]]), expected, 1e-3, 0)
+    with pytest.raises(AssertionError, match=r"1/6 mismatches.*\(0, 1\): 0.5 vs 0"):
+        assert_close(torch.tensor([[0.0, 0.5, 0], [0, 0, 0]]), expected, 1e-3, 0)
+    assert_close(torch.tensor([float("nan"), float("-inf")]), torch.tensor([float("nan"), float("-inf")]), 0, 0)
+
+
+def make_inputs(batch, heads, kv_heads, seq, dim, dtype, mask="none", score_start=0, ema=True, seed=0,
+                device=DEVICE):
+    """Random decode inputs; ``mask`` is none, random, prefix (a fully masked prefix) or prefix+random."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, dim, generator=g).to(device, dtype)
+    key = torch.randn(batch, kv_heads, seq, dim, generator=g).to(device, dtype)
+    value = torch.randn(batch, kv_heads, seq, dim, generator=g).to(device, dtype)
+    valid = None
+    if mask != "none":
+        valid = torch.ones(batch, seq, dtype=torch.bool)
+        if "random" in mask:
+            valid &= torch.rand(batch, seq, generator=g) > 0.3
+        if "prefix" in mask:
+            valid[:, : (2 * seq) // 3] = False
+        valid[:, -1] = True  # the current token always attends to itself
+        valid = valid.to(device)
+    ema_state = torch.rand(batch, kv_heads, seq - score_start, generator=g).to(device) if ema else None
+    return query, key, value, valid, ema_state
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def naive_decode_attention(query, key, value, scaling, valid):
+    """Float64, one softmax per query head over keys expanded with repeat_interleave (what the reference avoids)."""
+    b, h, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    groups = h // kv
+    k = key.double().repeat_interleave(groups, dim=1)  # (b, h, S, d)
+    v = value.double().repeat_interleave(groups, dim=1)
+    logits = torch.einsum("bhd,bhsd->bhs", query.double(), k) * scaling
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (b, h, S)
+    out = torch.einsum("bhs,bhsd->bhd", probs, v)
+    return out, probs.view(b, kv, groups, s).mean(dim=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 16), (2, 4, 2, 5, 16), (3, 8, 2, 123, 64), (2, 4, 4, 257, 64)])
+@pytest.mark.parametrize("mask", ["none", "random", "prefix"])
+def test_reference_matches_naive_repeat_kv(dtype, shape, mask):
+    b, h, kv, s, d = shape
+    score_start = s // 3
+    q, k, v, valid, ema = make_inputs(b, h, kv, s, d, dtype, mask, score_start, device="cpu")
+    before = ema.clone()
+    out, attn = decode_attention_reference(q, k, v, d**-0.5, valid, ema, alpha=0.7, score_start=score_start)
+    want_out, want_attn = naive_decode_attention(q, k, v, d**-0.5, valid)
+    assert out.dtype == dtype and attn.dtype == torch.float32
+    assert_close(out, want_out, *OUT_TOL[dtype], name="out")
+    assert_close(attn, want_attn, 1e-6, 1e-5, name="attn")
+    assert_close(ema, 0.7 * before + want_attn[..., score_start:], 1e-6, 1e-5, name="ema")
+    if valid is not None:
+        assert (attn.masked_select(~valid[:, None, :].expand_as(attn)) == 0).all()
+    assert_close(attn.sum(-1), torch.ones(b, kv), 1e-5, 0, name="attn row sums")
+
+
+def test_reference_fully_masked_row_gives_zeros():
+    q, k, v, valid, ema = make_inputs(2, 4, 2, 6, 16, torch.float32, "random", device="cpu")
+    valid[1] = False
+    before = ema.clone()
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid, ema, alpha=0.5)
+    assert torch.isfinite(out).all() and torch.isfinite(attn).all()
+    assert (out[1] == 0).all() and (attn[1] == 0).all()
+    assert_close(ema[1], 0.5 * before[1], 0, 0, name="ema of the masked row")
+    assert_close(out[0], naive_decode_attention(q, k, v, 0.25, valid)[0][0], 1e-5, 1e-5, name="out row 0")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(query=torch.zeros(1, 3, 8)),  # 3 heads do not divide over 2 KV heads
+        dict(value=torch.zeros(1, 2, 4, 8)),  # value length differs from key length
+        dict(valid=torch.ones(1, 5)),  # not bool
+        dict(ema_state=torch.zeros(1, 2, 5)),  # ema must cover S - score_start tokens
+        dict(ema_state=torch.zeros(1, 2, 5, dtype=torch.float64), score_start=0),  # not float32
+        dict(score_start=6),
+    ],
+)
+def test_reference_rejects_bad_arguments(change):
+    args = dict(query=torch.zeros(1, 4, 8), key=torch.zeros(1, 2, 5, 8), value=torch.zeros(1, 2, 5, 8),
+                scaling=1.0, valid=None, ema_state=None, alpha=1.0, score_start=1)
+    args.update(change)
+    with pytest.raises(ValueError):
+        decode_attention_reference(**args)
+
+
+def test_wrapper_uses_reference_on_cpu():
+    q, k, v, valid, ema = make_inputs(2, 8, 2, 33, 16, torch.float32, "random", score_start=3, device="cpu")
+    ema2 = ema.clone()
+    out, attn = fused_decode_attention(q, k, v, 0.25, valid, ema, 0.9, 3)
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.25, valid, ema2, 0.9, 3)
+    assert torch.equal(out, want_out) and torch.equal(attn, want_attn) and torch.equal(ema, ema2)
+
+
+def test_import_and_fallback_without_triton():
+    """With triton unimportable, momentkv imports, triton_available() is False and the wrapper still works."""
+    script = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # what Python does for a module that must not import\n"
+        "import torch, momentkv\n"
+        "from momentkv.kernels import fused_decode_attention, triton_available\n"
+        "assert not triton_available()\n"
+        "q, k = torch.randn(1, 4, 8), torch.randn(1, 2, 3, 8)\n"
+        "out, attn = fused_decode_attention(q, k, k, 1.0)\n"
+        "assert out.shape == (1, 4, 8) and attn.shape == (1, 2, 3)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- kernel
+#
+# On CUDA the kernel runs in this process. Without CUDA it runs under triton's interpreter, which only works
+# when TRITON_INTERPRET=1 is set before triton is first imported, and importing momentkv (via transformers and
+# torch) already imports triton. So one subprocess, started with the variable set, runs this file as a worker
+# that executes every kernel case and saves the results; the tests below compare them with the reference here.
+
+# (batch, heads, kv_heads, S, head_dim, mask, score_start, ema, block_n, num_splits): odd lengths, every group
+# size, a prefix long enough that whole splits see only masked keys, several tiles per split.
+CASES = [
+    (1, 1, 1, 1, 16, "none", 0, True, None, None),
+    (2, 4, 2, 5, 16, "random", 2, True, None, None),
+    (3, 8, 2, 123, 64, "prefix", 40, True, 32, 3),
+    (1, 4, 4, 257, 64, "random", 0, False, 32, 4),
+    (2, 8, 2, 257, 16, "prefix+random", 100, True, 32, 5),
+    (1, 2, 1, 123, 16, "none", 123, True, 16, 2),  # score_start == S: nothing to fold
+]
+GPU_CASES = [
+    (1, 32, 8, 4133, 128, "prefix+random", 1000, True, None, None),  # launch heuristics, many splits
+    (2, 32, 8, 20001, 128, "random", 17, True, None, None),
+]
+ALPHA = 0.9
+
+
+def case_id(case) -> str:
+    return "b{}h{}kv{}s{}d{}-{}-start{}".format(*case[:7])
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def case_inputs(case, dtype, device=DEVICE):
+    b, h, kv, s, d, mask, score_start, use_ema, _, _ = case
+    return make_inputs(b, h, kv, s, d, dtype, mask, score_start, use_ema, seed=s, device=device)
+
+
+def strided_inputs(dtype, device=DEVICE):
+    """Views with unusual strides (as a token-major cache would give) and a batch row with every key masked."""
+    b, h, kv, s, d = 2, 4, 2, 37, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h, 1, d, generator=g).to(device, dtype)[:, :, 0]  # a slice of the model's (b, H, 1, d)
+    k = torch.randn(b, s, kv, d, generator=g).to(device, dtype).transpose(1, 2)  # (b, kv, S, d), token-major
+    v = torch.randn(b, s, kv, d, generator=g).to(device, dtype).transpose(1, 2)
+    valid = (torch.rand(b, s, generator=g) > 0.4).to(device)
+    valid[1] = False
+    store = torch.rand(b, kv, s + 8, generator=g).to(device)  # a larger score buffer; the state is a view of it
+    return q, k, v, valid, store
+
+
+def run_kernel_cases(kernel, dtypes, cases) -> dict:
+    """Every kernel result the tests check, keyed by test id, on the CPU."""
+    results = {}
+    for dtype in dtypes:
+        for case in cases:
+            q, k, v, valid, ema = case_inputs(case, dtype)
+            out, attn = kernel(q, k, v, case[4] ** -0.5, valid, ema, ALPHA, case[6], block_n=case[8],
+                               num_splits=case[9])
+            results[f"{case_id(case)}-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu(),
+                                                             "ema": None if ema is None else ema.cpu()}
+        q, k, v, valid, store = strided_inputs(dtype)
+        out, attn = kernel(q, k, v, 0.25, valid, store[..., 8:], 0.5, 0, block_n=16, num_splits=2)
+        results[f"strided-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu(), "store": store.cpu()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def kernel_results(tmp_path_factory):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if CUDA:
+        from momentkv.kernels.triton_decode import decode_attention_triton
+
+        return run_kernel_cases(decode_attention_triton, DTYPES, CASES + GPU_CASES)
+    path = tmp_path_factory.mktemp("kernels") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, __file__, "--interpreter-worker", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"interpreter worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES + (GPU_CASES if CUDA else []), ids=case_id)
+def test_kernel_matches_reference(kernel_results, dtype, case):
+    got = kernel_results[f"{case_id(case)}-{dtype_id(dtype)}"]
+    q, k, v, valid, ema = case_inputs(case, dtype)
+    out, attn = decode_attention_reference(q, k, v, case[4] ** -0.5, valid, ema, ALPHA, case[6])
+    assert got["out"].dtype == dtype and got["attn"].dtype == torch.float32
+    assert_close(got["out"], out, *OUT_TOL[dtype], name="out")
+    assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
+    if ema is not None:
+        assert_close(got["ema"], ema, *ATTN_TOL[dtype], name="ema_state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_kernel_fully_masked_row_and_strided_inputs(kernel_results, dtype):
+    got = kernel_results[f"strided-{dtype_id(dtype)}"]
+    q, k, v, valid, store = strided_inputs(dtype)
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid, store[..., 8:], 0.5, 0)
+    assert (got["out"][1] == 0).all() and (got["attn"][1] == 0).all()
+    assert_close(got["out"], out, *OUT_TOL[dtype], name="out")
+    assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
+    assert_close(got["store"][..., 8:], store[..., 8:], *ATTN_TOL[dtype], name="ema_state")
+    assert torch.equal(got["store"][..., :8], store[..., :8].cpu())  # nothing written outside the view
+
+
+@pytest.mark.skipif(not CUDA, reason="dispatch to Triton needs CUDA tensors")
+def test_wrapper_dispatches_to_triton_on_cuda():
+    from momentkv.kernels import triton_decode
+
+    assert triton_available()
+    q, k, v, valid, ema = make_inputs(1, 8, 2, 300, 64, torch.bfloat16, "random", score_start=10)
+    ema_ref = ema.clone()
+    calls = []
+    original = triton_decode.decode_attention_triton
+    triton_decode.decode_attention_triton = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        out, attn = fused_decode_attention(q, k, v, 0.125, valid, ema, 0.9, 10)
+    finally:
+        triton_decode.decode_attention_triton = original
+    assert calls, "the wrapper did not call the Triton kernel"
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.125, valid, ema_ref, 0.9, 10)
+    assert_close(out, want_out, *OUT_TOL[torch.bfloat16], name="out")
+    assert_close(attn, want_attn, *ATTN_TOL[torch.bfloat16], name="attn")
+    assert_close(ema, ema_ref, *ATTN_TOL[torch.bfloat16], name="ema_state")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-worker"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the worker needs TRITON_INTERPRET=1 set before start"
+    from momentkv.kernels.triton_decode import decode_attention_triton
+
+    torch.save(run_kernel_cases(decode_attention_triton, DTYPES, CASES), sys.argv[2])
