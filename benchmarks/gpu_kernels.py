@@ -39,7 +39,7 @@ def import_kernels():
     """``momentkv.kernels`` even where the rest of momentkv's dependencies (transformers) are not installed."""
     try:
         import momentkv.kernels as kernels
-    except ImportError as error:  # load the kernels subpackage alone
+    except Exception as error:  # e.g. transformers missing: load the kernels subpackage alone
         print(f"note: `import momentkv` failed ({error}); loading momentkv.kernels by itself")
         for name in [n for n in sys.modules if n == "momentkv" or n.startswith("momentkv.")]:
             del sys.modules[name]
