@@ -131,13 +131,13 @@ def measure(length, kernels, triton_decode) -> dict:
 
 
 def sweep(length, kernels, triton_decode) -> list[dict]:
-    """Tile size x warps, and half/double the split count, for the fused kernel at one length (CUDA graph)."""
+    """Tile size x split count (and 8 warps once) for the fused kernel at one length (CUDA-graph timing)."""
     q, k, v, _, ema = inputs(length)
     scaling = HEAD_DIM**-0.5
     base = triton_decode.split_plan(length, KV_HEADS, q.device, 64)[1]
     rows = []
-    configs = [(block_n, warps, base) for block_n in (32, 64, 128) for warps in (4, 8)]
-    configs += [(64, 4, max(1, base // 2)), (64, 4, base * 2)]
+    split_counts = sorted({max(1, base // 4), max(1, base // 2), base, base * 2})
+    configs = [(block_n, 4, splits) for block_n in (32, 64, 128) for splits in split_counts] + [(64, 8, base)]
     for block_n, num_warps, splits in configs:
         fn = lambda: triton_decode.decode_attention_triton(  # noqa: E731
             q, k, v, scaling, None, ema, ALPHA, 0, block_n=block_n, num_splits=splits, num_warps=num_warps)

@@ -124,7 +124,7 @@ def _momentkv_decode_combine_kernel(
     stride_eb, stride_eh, stride_es,
     seq_len, num_splits, kv_heads, alpha, score_start,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_EMA: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_EMA: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -160,21 +160,30 @@ def _momentkv_decode_combine_kernel(
         e = tl.load(e_ptrs, mask=scored, other=0.0)
         tl.store(e_ptrs, alpha * e + a, mask=scored)
 
-    # The first block of each KV head merges the partial outputs of its splits.
+    # The first block of each KV head merges the partial outputs of its splits, one query head at a time and
+    # MERGE_CHUNK splits per load (a serial loop over single splits made this tail grow with the split count).
     if blk == 0:
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
-        out = tl.zeros([G_PAD, D_PAD], tl.float32)
-        for j in range(0, num_splits):
-            sj = (bkv.to(tl.int64) * num_splits + j) * GROUPS + offs_g
-            mj = tl.load(part_m_ptr + sj, mask=g_mask, other=float("-inf"))
-            part = tl.load(part_out_ptr + sj[:, None] * HEAD_DIM + offs_d[None, :],
-                           mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-            out += tl.exp(mj - m_ref)[:, None] * part
-        out = out * inv_denom[:, None]
-        o_rows = b.to(tl.int64) * stride_ob + (kvh * GROUPS + offs_g).to(tl.int64) * stride_oh
-        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & d_mask[None, :])
+        for g in tl.static_range(GROUPS):
+            first = bkv.to(tl.int64) * num_splits * GROUPS + g  # stats of (bkv, split j, g) at first + j * GROUPS
+            j_mask = offs_j < num_splits
+            mg = tl.load(part_m_ptr + first + offs_j * GROUPS, mask=j_mask, other=float("-inf"))  # (SPLITS_PAD,)
+            lg = tl.load(part_l_ptr + first + offs_j * GROUPS, mask=j_mask, other=0.0)
+            mg_max = tl.max(mg, axis=0)
+            mg_ref = tl.where(mg_max == float("-inf"), 0.0, mg_max)
+            den = tl.sum(lg * tl.exp(mg - mg_ref), axis=0)
+            inv = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
+            out = tl.zeros([D_PAD], tl.float32)
+            for j0 in range(0, num_splits, MERGE_CHUNK):
+                jj = j0 + tl.arange(0, MERGE_CHUNK)
+                jj_mask = jj < num_splits
+                mj = tl.load(part_m_ptr + first + jj * GROUPS, mask=jj_mask, other=float("-inf"))
+                part = tl.load(part_out_ptr + (first + jj * GROUPS)[:, None] * HEAD_DIM + offs_d[None, :],
+                               mask=jj_mask[:, None] & d_mask[None, :], other=0.0)  # (MERGE_CHUNK, D_PAD)
+                out += tl.sum(tl.exp(mj - mg_ref)[:, None] * part, axis=0)
+            o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (kvh * GROUPS + g).to(tl.int64) * stride_oh
+            tl.store(o_ptrs + offs_d * stride_od, (out * inv).to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,13 +258,14 @@ def decode_attention_triton(
     )
     ema = ema_state if ema_state is not None else attn
     block_s = 1024 if s > 512 else 128
+    splits_pad = max(2, triton.next_power_of_2(splits))
     _momentkv_decode_combine_kernel[(triton.cdiv(s, block_s), b * kv)](
         logits, part_out, part_m, part_l,
         out, attn, ema,
         *out.stride(), *(ema_state.stride() if ema_state is not None else (0, 0, 0)),
         s, splits, kv, float(alpha), int(score_start),
         GROUPS=groups, G_PAD=triton.next_power_of_2(groups), HEAD_DIM=d, D_PAD=d_pad,
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), BLOCK_S=block_s, HAS_EMA=ema_state is not None,
+        SPLITS_PAD=splits_pad, MERGE_CHUNK=min(32, splits_pad), BLOCK_S=block_s, HAS_EMA=ema_state is not None,
         num_warps=4,
     )
     return out, attn
