@@ -193,11 +193,12 @@ def _multiprocessors(device_index: int) -> int:
 
 def split_plan(seq_len: int, programs_per_split: int, device: torch.device, block_n: int,
                num_splits: int | None = None) -> tuple[int, int]:
-    """``(split_len, num_splits)``: enough programs to fill the GPU (about 4 per SM), splits a multiple of
-    ``block_n`` tokens long. ``programs_per_split`` is batch * kv_heads."""
+    """``(split_len, num_splits)``: about two programs per SM, splits a multiple of ``block_n`` tokens long.
+    ``programs_per_split`` is batch * kv_heads. Measured on an H200 (8 KV heads, 32k-128k tokens): 32 splits
+    beat 64 by 20-30% and 128 by 2x; short splits leave each program too few tiles to hide memory latency."""
     tiles = triton.cdiv(seq_len, block_n)
     if num_splits is None:
-        target = 4 * _multiprocessors(device.index or 0) if device.type == "cuda" else 4
+        target = 2 * _multiprocessors(device.index or 0) if device.type == "cuda" else 4
         num_splits = triton.cdiv(target, programs_per_split)
     num_splits = max(1, min(num_splits, tiles, 1024))
     split_len = triton.cdiv(tiles, num_splits) * block_n
