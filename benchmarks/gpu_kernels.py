@@ -131,23 +131,27 @@ def measure(length, kernels, triton_decode) -> dict:
 
 
 def sweep(length, kernels, triton_decode) -> list[dict]:
-    """Tile size x split count (and 8 warps once) for the fused kernel at one length (CUDA-graph timing)."""
+    """Tile size x split count x pipeline stages for the fused kernel at one length (CUDA-graph timing)."""
     q, k, v, _, ema = inputs(length)
     scaling = HEAD_DIM**-0.5
     base = triton_decode.split_plan(length, KV_HEADS, q.device, 64)[1]
     rows = []
-    split_counts = sorted({max(1, base // 4), max(1, base // 2), base, base * 2})
-    configs = [(block_n, 4, splits) for block_n in (32, 64, 128) for splits in split_counts] + [(64, 8, base)]
-    for block_n, num_warps, splits in configs:
+    split_counts = sorted({max(1, base // 2), base, base * 2})
+    configs = [(block_n, 4, splits, stages) for block_n in (64, 128) for splits in split_counts
+               for stages in (2, 3, 4)]
+    configs += [(32, 4, base, 3), (64, 8, base, 3)]
+    for block_n, num_warps, splits, stages in configs:
         fn = lambda: triton_decode.decode_attention_triton(  # noqa: E731
-            q, k, v, scaling, None, ema, ALPHA, 0, block_n=block_n, num_splits=splits, num_warps=num_warps)
+            q, k, v, scaling, None, ema, ALPHA, 0, block_n=block_n, num_splits=splits, num_warps=num_warps,
+            num_stages=stages)
         try:
             ms = median_ms(fn, graph=True)
         except Exception as error:
-            print(f"  sweep block_n={block_n} warps={num_warps} splits={splits}: {type(error).__name__}: {error}")
+            print(f"  sweep block_n={block_n} warps={num_warps} splits={splits} stages={stages}: "
+                  f"{type(error).__name__}: {error}")
             ms = math.nan
         rows.append({"length": length, "block_n": block_n, "num_warps": num_warps, "num_splits": splits,
-                     "fused_graph_ms": ms})
+                     "num_stages": stages, "fused_graph_ms": ms})
     return rows
 
 
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
                 best[r["length"]] = r
         for length, r in best.items():
             print(f"sweep {length}: best block_n={r['block_n']} warps={r['num_warps']} splits={r['num_splits']} "
-                  f"{r['fused_graph_ms']:.4f} ms")
+                  f"stages={r['num_stages']} {r['fused_graph_ms']:.4f} ms")
         print(f"wrote {path}")
     print(f"total {time.time() - started:.0f} s")
     return 0 if len(rows) == len(args.lengths) else 2

@@ -218,11 +218,13 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton version of ``decode_attention_reference`` (same arguments, same results).
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. ``block_n`` (tokens per tile) and
-    ``num_splits`` override the launch heuristics (tests use them to force several splits and tiles).
+    ``num_splits`` override the launch heuristics (tests use them to force several splits and tiles);
+    ``num_warps`` and ``num_stages`` (triton's default when None) go to the split kernel's launch.
     """
     b, h, kv, s, d = check_decode_args(query, key, value, valid, ema_state, score_start)
     groups = h // kv
@@ -255,7 +257,7 @@ def decode_attention_triton(
         float(scaling), s, split_len, splits, kv,
         GROUPS=groups, G_PAD=g_pad, HEAD_DIM=d, D_PAD=d_pad,
         BLOCK_N=block_n, HAS_VALID=valid is not None, DOT_FP32=dot_fp32,
-        num_warps=num_warps,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     ema = ema_state if ema_state is not None else attn
     block_s = 1024 if s > 512 else 128
