@@ -1,0 +1,137 @@
+"""``momentkv eval``: how faithful each policy stays to the full cache, per budget, on a prompt set.
+
+Every input is checked before any output exists: an unknown policy, a budget <= 0, an empty or malformed
+prompt file, or a model that cannot be loaded ends with a message and exit code 2. Outputs are written to
+a temporary folder beside ``--out`` and moved into place only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure each policy's fidelity to the full cache",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--policies", nargs="+", default=["recency.yaml", "tova.yaml", "h2o.yaml", "scope.yaml",
+                                                        "moment.yaml"],
+                   help="built-in policy names or YAML files (full.yaml is the reference and always included)")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="decode budgets in tokens; each replaces the policies' own (default: the policies' own)")
+    p.add_argument("--prompts", default=None, help="JSONL prompt file (default: the built-in set)")
+    p.add_argument("--split", choices=["tune", "heldout"], default=None, help="use only this split of the prompts")
+    p.add_argument("--kind", choices=["free", "grounded"], default=None, help="use only this kind of prompt")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (after filtering)")
+    p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per prompt (default 256)")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (offline, default), a local path or a hub id")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-free-running", action="store_true", help="skip free-running greedy decoding")
+    p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the table")
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and torch)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"momentkv eval: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_numbers(args) -> str | None:
+    if args.new_tokens <= 0:
+        return f"--new-tokens must be positive, got {args.new_tokens}"
+    if args.batch_size <= 0:
+        return f"--batch-size must be positive, got {args.batch_size}"
+    if args.limit is not None and args.limit <= 0:
+        return f"--limit must be positive, got {args.limit}"
+    if args.budgets is not None and any(b <= 0 for b in args.budgets):
+        bad = ", ".join(str(b) for b in args.budgets if b <= 0)
+        return f"budgets must be positive numbers of tokens, got {bad}"
+    return None
+
+
+def _command(args) -> str:
+    """The command line that reproduces this run, rebuilt from the parsed arguments."""
+    parts = ["momentkv", "eval", "--policies", *args.policies]
+    if args.budgets:
+        parts += ["--budgets", *map(str, args.budgets)]
+    for flag, value in (("--prompts", args.prompts), ("--split", args.split), ("--kind", args.kind),
+                        ("--limit", args.limit), ("--new-tokens", args.new_tokens), ("--model", args.model),
+                        ("--batch-size", args.batch_size), ("--device", args.device), ("--out", args.out),
+                        ("--seed", args.seed)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.no_free_running:
+        parts.append("--no-free-running")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run(args) -> int:
+    import torch
+
+    from momentkv.errors import PolicyError
+    from momentkv.eval.configs import build_configs
+    from momentkv.eval.prompts import encode_prompts, load_prompts
+
+    problem = _check_numbers(args)
+    if problem:
+        return _fail(problem)
+    sources = [p for p in args.policies if Path(p).stem != "full" or Path(p).is_file()]
+    try:
+        configs = build_configs(["full.yaml", *sources], args.budgets)
+        records = load_prompts(args.prompts, split=args.split, kind=args.kind)
+    except PolicyError as err:
+        return _fail(str(err))
+    records = records[: args.limit] if args.limit else records
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} exists and is not a folder")
+
+    from momentkv import models
+
+    try:
+        model, tokenizer = models.load(args.model)
+    except PolicyError as err:
+        return _fail(str(err))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    encoded = encode_prompts(tokenizer, records)
+    suppressed = models.eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    command = _command(args)
+    return _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out, command)
+
+
+def _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out: Path, command: str) -> int:
+    from momentkv.eval.report import write_outputs
+    from momentkv.eval.runner import run_eval
+
+    results = run_eval(model, encoded, records, configs, args.new_tokens, suppressed, pad_id,
+                       batch_size=args.batch_size, seed=args.seed, free_run=not args.no_free_running,
+                       progress=not args.no_progress, model_name=args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_outputs(results, tmp, command=command, baseline=args.baseline)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out}/results.md, results.csv and plots")
+    return 0

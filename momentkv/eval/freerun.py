@@ -1,0 +1,50 @@
+"""Free-running greedy decoding under a policy, compared token by token with the reference output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import momentkv
+from momentkv.eval.batches import Batch
+from momentkv.eval.reference import Reference
+from momentkv.eval.stepping import run_steps, suppress
+
+
+@dataclass
+class FreeRun:
+    tokens: torch.Tensor  # (prompts, steps) long, the policy's own greedy output
+    first_divergence: torch.Tensor  # (prompts,) long, first step that differs from the reference (steps: none)
+    equal_fraction: torch.Tensor  # (prompts,) float64, share of steps whose token equals the reference's
+
+
+def compare(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first_divergence, equal_fraction)`` of ``tokens`` against ``reference_tokens``, both ``(P, N)``."""
+    equal = tokens == reference_tokens
+    steps = tokens.shape[1]
+    differs = ~equal
+    first = torch.where(differs.any(-1), differs.to(torch.int8).argmax(-1), torch.full_like(differs[:, 0], steps, dtype=torch.long))
+    return first.long(), equal.double().mean(-1)
+
+
+def free_running(model, policy, batches: list[Batch], reference: Reference, progress=None) -> FreeRun:
+    """Greedy generation of as many tokens as the reference, under ``policy``."""
+    prompts, steps = reference.tokens.shape
+    tokens = torch.zeros((prompts, steps), dtype=torch.long)
+    with momentkv.patched(model, policy) as handle:
+        for batch in batches:
+            rows = torch.tensor(batch.rows)
+            chosen = {}
+
+            def pick(step, logits):
+                return chosen[step]
+
+            for step, logits, _ in run_steps(model, handle.new_cache(), batch.input_ids, batch.attention_mask,
+                                             steps, pick):
+                chosen[step] = suppress(logits, reference.suppressed).argmax(-1)
+                tokens[rows, step] = chosen[step].cpu()
+                if progress is not None:
+                    progress.update(len(batch.rows))
+    first, fraction = compare(tokens, reference.tokens.cpu())
+    return FreeRun(tokens=tokens, first_divergence=first, equal_fraction=fraction)

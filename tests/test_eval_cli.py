@@ -1,0 +1,111 @@
+"""``momentkv eval``: bad input ends with exit code 2 before any output; a good run leaves complete output only."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from momentkv import models
+from momentkv.cli.main import main
+from tests.models import tiny_model
+
+
+class FakeTokenizer:
+    """Bytes of the text folded into the tiny model's 128-token vocabulary; no chat template."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False, **_):
+        return {"input_ids": [3 + b % 120 for b in text.encode()][:24]}
+
+
+def _write_prompts(path, n=3):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"prompt number {i} " * (i + 1),
+                                "kind": "free" if i % 2 else "grounded", "split": "tune"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return _write_prompts(tmp_path / "prompts.jsonl")
+
+
+def _eval(out, prompts, *extra):
+    return main(["eval", "--out", str(out), "--prompts", str(prompts), "--new-tokens", "8", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policies", "nonexistent.yaml"], "not a built-in policy"),
+    (["--policies", "recency.yaml", "--budgets", "16", "0"], "positive"),
+    (["--policies", "recency.yaml", "--budgets", "-4"], "positive"),
+    (["--new-tokens", "0"], "positive"),
+])
+def test_bad_arguments_exit_2_without_output(tmp_path, prompts, capsys, extra, message, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    out = tmp_path / "out"
+    assert _eval(out, prompts, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+@pytest.mark.parametrize("content, message", [("", "no prompts"), ("\n\n", "no prompts"),
+                                              ('{"id": "a"}\n', "'prompt'"), ("not json\n", "not valid JSON")])
+def test_bad_prompt_file_exits_2(tmp_path, capsys, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    out = tmp_path / "out"
+    assert _eval(out, path) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_prompt_file_exits_2(tmp_path, capsys):
+    assert _eval(tmp_path / "out", tmp_path / "nope.jsonl") == 2
+    assert "no such prompt file" in capsys.readouterr().err
+
+
+def test_unloadable_model_exits_2(tmp_path, prompts, capsys):
+    out = tmp_path / "out"
+    assert _eval(out, prompts, "--model", str(tmp_path / "no-such-model")) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+def test_complete_run_writes_every_output(tmp_path, prompts, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    out = tmp_path / "out"
+    code = _eval(out, prompts, "--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "64", "--seed", "1")
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["kl_vs_budget.png", "kl_vs_step_B4.png", "kl_vs_step_B64.png", "raw.pt", "results.csv",
+                     "results.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.jsonl"]  # no temporary folder left
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    kl = {(r["label"], r["kind"], r["steps"]): float(r["mean"]) for r in rows if r["metric"] == "kl"}
+    assert kl[("full", "all", "all")] == 0.0
+    assert kl[("recency@64", "all", "all")] == 0.0  # 8 tokens never fill a 64-token budget
+    assert kl[("recency@4", "all", "active")] > 0.0
+    assert "--budgets 4 64" in (out / "results.md").read_text()
+
+
+def test_failed_run_leaves_no_partial_output(tmp_path, prompts, monkeypatch):
+    from momentkv.eval import report
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "plot_kl_vs_budget", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
