@@ -13,6 +13,8 @@ import sys
 # Each entry is a module of momentkv.cli with a ``register(subparsers)`` function.
 COMMAND_MODULES: tuple[str, ...] = (
     "policy_cmd",
+    "demo_cmd",
+    "eval_cmd",
 )
 
 
