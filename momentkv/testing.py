@@ -446,7 +446,8 @@ def check_protected(run: TraceRun) -> None:
             what = "a token (the layer has no budget)"
         else:
             parts = [torch.arange(p, p + min(plan.sinks, record.generated))]  # sinks: the first generated
-            parts.append(torch.arange(max(0, seen - max(plan.recent, 1)), seen))  # recent, the newest included
+            # recent, the newest included; prompt tokens a prefill compressor dropped cannot be among them
+            parts.append(torch.arange(max(0 if keep_prompt else p, seen - max(plan.recent, 1)), seen))
             if plan.scope == "decode" and keep_prompt:
                 parts.append(torch.arange(p))
             wanted = torch.cat(parts).unique()

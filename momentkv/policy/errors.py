@@ -171,6 +171,7 @@ def describe(error: dict, root: type[BaseModel], path: tuple, data: Any) -> str:
     if kind in _BOUND_WORDS:
         bounds = _bounds(constraints_at(root, path, data))
         limit = next(iter(ctx.values()), "?")
+        limit = f"{limit:g}" if isinstance(limit, float) else limit
         return f"must be {bounds or f'{_BOUND_WORDS[kind]} {limit}'}, got {show(got)}"
     if kind == "missing":
         return "required field is missing"

@@ -147,8 +147,9 @@ def parse_policy_yaml(text: str, origin: str = "<text>") -> PolicyData:
         raise PolicyError(Problem(f"policy text must be a str, got {type(text).__name__}", origin))
     if len(text) > MAX_TEXT:
         raise PolicyError(Problem(f"file too large: {len(text)} characters, at most {MAX_TEXT}", origin))
-    loader = _DepthLimitedLoader(text)
+    loader = None
     try:
+        loader = _DepthLimitedLoader(text)  # the reader checks the characters here already
         node = loader.get_single_node()
         if node is None:
             raise PolicyError(Problem("empty: a policy is a mapping of fields (name, decode, ...)", origin))
@@ -159,7 +160,8 @@ def parse_policy_yaml(text: str, origin: str = "<text>") -> PolicyData:
     except RecursionError:
         raise PolicyError(Problem(f"nested too deeply (at most {MAX_DEPTH} levels)", origin)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if reader.problems:
         raise PolicyError(reader.problems)
     if not isinstance(data, dict):

@@ -1,0 +1,156 @@
+"""Error reporting: file, line, field path and expectation; all at once; fuzzing never escapes PolicyError."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from momentkv import PolicyError, load_policy, testing
+from momentkv.policy import dump_policy, loads_policy
+from momentkv.policy.loader import MAX_DEPTH, MAX_NODES
+from momentkv.scoring import scorer_names
+
+BAD = """\
+name: broken
+decode:
+  budget: 64
+  windw: 3
+  granularity: heads
+  scorers:
+    - type: ema
+      alpha: 1.5
+    - type: nosuch
+    - type: recency
+      wieght: 2
+"""
+
+
+def test_every_error_of_a_file_at_once_with_file_line_and_path(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BAD)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.problems == [
+        f"{path}:4 decode.windw: unknown field (fields: budget, sinks, recent, cadence, granularity, scope, "
+        "uncompressed_layers, scorers)",
+        f"{path}:5 decode.granularity: must be 'head' or 'layer', got 'heads'",
+        f"{path}:8 decode.scorers[0].alpha: must be in (0, 1], got 1.5",
+        f"{path}:9 decode.scorers[1].type: unknown scorer type 'nosuch'; known: {', '.join(scorer_names())}",
+        f"{path}:11 decode.scorers[2].wieght: unknown field; did you mean 'weight'? (fields: type, weight, normalize)",
+    ]
+    assert [(d.line, d.path) for d in info.value.details] == [
+        (4, "decode.windw"), (5, "decode.granularity"), (8, "decode.scorers[0].alpha"),
+        (9, "decode.scorers[1].type"), (11, "decode.scorers[2].wieght"),
+    ]
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("decode:\n  budget: 1\n  budget: 2\n", "t.yaml:3 decode.budget: duplicate key 'budget' (first on line 2)"),
+        ("decode: [1, 2\n", "t.yaml:2: invalid YAML:"),
+        ("- 1\n- 2\n", "t.yaml:1: a policy is a mapping of fields, got a list"),
+        ("", "t.yaml: empty"),
+        ("name: !!python/object/apply:os.system [ls]\n", "t.yaml:1 name: tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
+        ("base: &b {name: x}\n<<: *b\n", "t.yaml:2: merge keys (<<) are not supported"),
+        ("name: !!binary aGVsbG8=\n", "t.yaml:1 name: a bytes"),
+        ("? [a, b]\n: 1\n", "t.yaml:1: a key must be a plain name"),
+        ("decode:\n  budget: 8\n  scorers:\n  - {type: ema, alpha: 0}\n",
+         "t.yaml:4 decode.scorers[0].alpha: must be in (0, 1], got 0"),
+        ("decode:\n  budget: {ratio: 0.5, floor: 8, cap: 2}\n  scorers: [ema]\n",
+         "t.yaml:2 decode.budget.cap: must be at least floor (8), got 2"),
+        ("decode:\n  budget: [8, 0]\n  scorers: [ema]\n", "t.yaml:2 decode.budget[1]: must be >= 1, got 0"),
+        ("decode:\n  sinks: 1\n", "t.yaml:1 decode.budget: required field is missing"),
+        ("prefill: {type: nosuch}\n", "t.yaml:1 prefill.type: unknown prefill compressor type 'nosuch'"),
+        ("name: 7\n", "t.yaml:1 name: must be text, got 7"),
+    ],
+)
+def test_message_names_line_path_and_expectation(text, expected):
+    with pytest.raises(PolicyError) as info:
+        loads_policy(text, "t.yaml")
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_no_such_file_or_builtin():
+    with pytest.raises(PolicyError, match="not a built-in policy; built-ins: .*moment.yaml"):
+        load_policy("no-such-policy.yaml")
+
+
+def test_alias_bomb_is_refused_quickly():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    start = time.perf_counter()
+    with pytest.raises(PolicyError, match=f"more than {MAX_NODES} nodes"):
+        loads_policy("\n".join(lines))
+    assert time.perf_counter() - start < 5.0
+
+
+def test_deep_nesting_and_recursive_alias_are_refused():
+    with pytest.raises(PolicyError, match="nested deeper than"):
+        loads_policy("a: " + "[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5))
+    with pytest.raises(PolicyError, match="nested deeper|more than"):
+        loads_policy("a: &a [*a]\n")
+    with pytest.raises(PolicyError):
+        loads_policy("[" * 5000)
+
+
+@settings(max_examples=150, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(max_size=300))
+def test_fuzz_arbitrary_text_raises_only_policy_error(text):
+    try:
+        loads_policy(text, "fuzz.yaml")
+    except PolicyError as err:
+        assert err.problems and all(isinstance(p, str) and p for p in err.problems)
+
+
+_FIELDS = ["name", "description", "prefill", "decode", "budget", "sinks", "recent", "cadence", "granularity",
+           "scope", "uncompressed_layers", "scorers", "type", "alpha", "weight", "normalize", "ratio", "floor",
+           "cap", "extends", "ema", "recency", "head", "keep"]
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
+    st.sampled_from(_FIELDS),
+)
+_STRUCTURES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=4),
+                                                              inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=150, deadline=timedelta(seconds=5), suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.dictionaries(st.sampled_from(_FIELDS), _STRUCTURES, max_size=5))
+def test_fuzz_arbitrary_structures_raise_only_policy_error(data):
+    for load in (lambda: load_policy(data), lambda: loads_policy(yaml.safe_dump(data), "fuzz.yaml")):
+        try:
+            policy = load()
+        except PolicyError as err:
+            assert err.problems
+        else:
+            assert loads_policy(dump_policy(policy)) == policy
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=testing.invalid_policies())
+def test_invalid_policies_name_the_expected_field(case):
+    with pytest.raises(PolicyError) as info:
+        load_policy(case.data)
+    problems = [d for d in info.value.details if d.path == case.path]
+    assert problems, (case, info.value.problems)
+    assert any(case.expect in d.message for d in problems), (case, info.value.problems)
+    text = yaml.safe_dump(case.data, sort_keys=False)
+    with pytest.raises(PolicyError) as from_yaml:
+        loads_policy(text, "case.yaml")
+    lines = text.splitlines()
+    placed = [d for d in from_yaml.value.details if d.path == case.path]
+    assert placed and all(d.origin == "case.yaml" and d.line is not None for d in placed)
+    # the line named holds the offending key (or, for a list item, lies inside the list)
+    last = case.path.rsplit(".", 1)[-1].split("[")[0]
+    assert any(last in lines[d.line - 1] or lines[d.line - 1].lstrip().startswith("-") for d in placed), (text, placed)

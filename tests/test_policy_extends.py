@@ -1,0 +1,80 @@
+"""extends: built-in or relative bases, deep-merge rules, cycles, and errors placed in the file that wrote them."""
+
+from __future__ import annotations
+
+import pytest
+
+from momentkv import PolicyError, load_policy
+from momentkv.policy import dump_policy, loads_policy, merge_policy_data
+
+
+def test_extends_builtin_overrides_only_what_it_names():
+    base = load_policy("moment.yaml")
+    policy = loads_policy("extends: moment.yaml\nname: moment-64\ndecode:\n  budget: 64\n")
+    assert policy.name == "moment-64"
+    assert policy.decode.budget == 64
+    assert policy.decode.recent == base.decode.recent
+    assert policy.decode.scorers == base.decode.scorers
+    assert policy.description == base.description
+
+
+def test_merge_rules():
+    base = {"a": {"x": 1, "y": [1, 2]}, "s": [{"type": "ema", "alpha": 0.5}], "c": {"type": "ema", "alpha": 0.5}}
+    merged = merge_policy_data(base, {"a": {"y": [3]}, "s": [{"type": "ema"}], "c": {"type": "recency"}})
+    assert merged == {"a": {"x": 1, "y": [3]}, "s": [{"type": "ema"}], "c": {"type": "recency"}}
+    assert merge_policy_data(base, {"c": {"alpha": 0.7}})["c"] == {"type": "ema", "alpha": 0.7}
+    assert merge_policy_data({"decode": {"budget": 8}}, {"decode": None}) == {"decode": None}
+
+
+def test_decode_null_and_component_replacement():
+    assert loads_policy("extends: moment\ndecode: null\n").decode is None
+    policy = loads_policy("extends: moment\ndecode:\n  budget: {ratio: 0.5, floor: 16}\n")
+    assert policy.decode.budget.ratio == 0.5
+
+
+def test_relative_extends_chain_and_errors_point_at_the_writing_file(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "decode:\n  budget: 32\n  recent: 4\n  scorers:\n    - {type: ema, alpha: 0.8}\n"
+    )
+    (tmp_path / "mid.yaml").write_text("extends: shared/base.yaml\nname: mid\n")
+    (tmp_path / "top.yaml").write_text("extends: mid.yaml\ndescription: top\ndecode:\n  sinks: 2\n")
+    policy = load_policy(tmp_path / "top.yaml")
+    assert (policy.name, policy.description, policy.decode.sinks, policy.decode.budget) == ("mid", "top", 2, 32)
+    assert loads_policy(dump_policy(policy)) == policy
+
+    (tmp_path / "bad.yaml").write_text("extends: mid.yaml\ndecode:\n  sinks: -1\n  recent: 40\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path / "bad.yaml")
+    assert [(d.origin, d.line, d.path) for d in info.value.details] == [
+        (str(tmp_path / "bad.yaml"), 3, "decode.sinks")
+    ]
+    (tmp_path / "bad2.yaml").write_text("extends: mid.yaml\n\n\ndecode:\n  recent: 40\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path / "bad2.yaml")
+    (detail,) = info.value.details
+    assert (detail.origin, detail.line, detail.path) == (str(tmp_path / "shared" / "base.yaml"), 2, "decode.budget")
+    assert "must be at least 40" in detail.message
+
+
+def test_cycles_are_detected(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("name: b\nextends: a.yaml\n")
+    with pytest.raises(PolicyError, match=r"extends cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_policy(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
+    with pytest.raises(PolicyError, match="extends cycle"):
+        load_policy(tmp_path / "self.yaml")
+
+
+def test_bad_extends_values(tmp_path):
+    with pytest.raises(PolicyError) as info:
+        loads_policy("name: x\nextends: [moment]\n", "e.yaml")
+    assert info.value.problems[0].startswith("e.yaml:2 extends: must be a policy name")
+    with pytest.raises(PolicyError) as info:
+        loads_policy("extends: nowhere.yaml\n", "e.yaml", base_dir=tmp_path)
+    assert info.value.problems[0].startswith("e.yaml:1 extends: 'nowhere.yaml': no such policy file")
+
+
+def test_extends_in_a_mapping_source():
+    assert load_policy({"extends": "tova", "name": "t2"}).decode == load_policy("tova").decode
