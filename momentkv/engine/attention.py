@@ -8,6 +8,7 @@ the layer this step's query so that the scorers see the attention each cached to
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from transformers import AttentionInterface
@@ -25,7 +26,12 @@ def make_attention_function(base: Callable, additive_mask: bool) -> Callable:
         if layer is None:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         mask = layer.attention_mask(attention_mask, query, key, additive_mask)
-        output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        if layer.timer is None:
+            output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        else:  # benchmarking: time the kernel itself
+            start = time.perf_counter()
+            output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+            layer.timer.attention += time.perf_counter() - start
         layer.observe(query, key, mask, module.scaling if scaling is None else scaling)
         return output, weights
 

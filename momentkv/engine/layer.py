@@ -62,6 +62,7 @@ class EvictingLayer(CacheLayerMixin):
         self.states: list[torch.Tensor] = []
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
+        self.timer = None  # a momentkv.bench.timing.StepTimes while benchmarking
         self._window_queries: torch.Tensor | None = None  # (b, heads, <= window, d): the last prompt queries
         self._scaling = 1.0
         self._last_attention: torch.Tensor | None = None  # (b, h, prompt) for scope: all

@@ -1,0 +1,1 @@
+"""Benchmarks of speed and memory: ``momentkv bench`` and the attention-heavy benchmark."""
