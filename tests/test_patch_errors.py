@@ -76,3 +76,10 @@ def test_static_cache_and_assisted_decoding_refused():
             model.generate(**prompts(1, 4), max_new_tokens=3, cache_implementation="static")
         with pytest.raises(PolicyError, match="assisted decoding"):
             model.generate(**prompts(1, 4), max_new_tokens=3, assistant_model=tiny_model("llama"))
+
+
+def test_uncompressed_layer_beyond_the_model():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(PolicyError, match=r"uncompressed_layers\[0\]: layer 5 does not exist, the model has 2 layers"):
+        momentkv.patch(model, {"decode": {"budget": 4, "uncompressed_layers": [5], "scorers": [{"type": "ema"}]}})
+    assert _fingerprint(model) == ("sdpa", False, None)

@@ -28,6 +28,23 @@ def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask, scaling: float)
     return logits
 
 
+def _softmax(logits: torch.Tensor, rows_may_be_empty: bool = True) -> torch.Tensor:
+    """Softmax over the last axis, written out: ``torch.softmax`` parallelises even rows of a few hundred
+    elements across threads, which costs milliseconds per call on a busy CPU; these rows are tiny.
+
+    A row masked everywhere gives zeros when ``rows_may_be_empty`` (a decode query always sees itself, so
+    the guards are skipped there).
+    """
+    peak = logits.amax(dim=-1, keepdim=True)
+    if rows_may_be_empty:
+        peak = peak.clamp_min(torch.finfo(logits.dtype).min)
+    weights = (logits - peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    if rows_may_be_empty:
+        total = total.clamp_min(torch.finfo(logits.dtype).tiny)
+    return weights.div_(total)
+
+
 def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
     """Softmax attention of the last query, averaged over each GQA group.
 
@@ -42,7 +59,7 @@ def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float
         ``(batch, kv_heads, S)`` float32; each row sums to 1 over the unmasked keys.
     """
     logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, 1, S)
-    probs = torch.softmax(logits, dim=-1)
+    probs = _softmax(logits, rows_may_be_empty=False)
     return probs.mean(dim=2).squeeze(2)
 
 
@@ -56,5 +73,5 @@ def window_group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling
         w, s = query.shape[2], key.shape[2]
         q_idx = torch.arange(s - w, s, device=key.device).view(w, 1)
         logits = logits.masked_fill(torch.arange(s, device=key.device).view(1, s) > q_idx, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _softmax(logits)
     return probs.mean(dim=2)

@@ -359,13 +359,16 @@ class EvictingLayer(CacheLayerMixin):
         first = self.first_evictable
         if attention is not None and first:
             attention = attention[..., first:]
-        pos = self.positions[..., first:]
-        age = (self.seen - 1 - pos).to(torch.float32)
-        keys = self.keys[..., first:, :]
+        pos = self.positions[..., first:] if first else self.positions
+        keys = self.keys[..., first:, :] if first else self.keys
+        age = None  # computed once, by the first scorer that reads it
         combined = None
         for scorer, state in zip(self.plan.scorers, self.states):
-            out = scorer.update(ScoreContext(attention=attention, age=age, keys=keys, state=state))
-            out = normalize_scores(out, scorer.normalize)
+            ctx = ScoreContext(attention=attention, keys=keys, state=state, age=age, positions=pos, now=self.seen - 1)
+            out = scorer.update(ctx)
+            age = ctx._age
+            if scorer.normalize != "none":
+                out = normalize_scores(out, scorer.normalize)
             if scorer.weight != 1.0:
                 out = out * scorer.weight
             combined = out if combined is None else combined + out

@@ -160,6 +160,10 @@ def patch(model, policy: PolicySource = "moment.yaml") -> Handle:
     """
     resolved = load_policy(policy)
     adapter, base_implementation = _check_model(model)
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    problems = resolved.problems_for_model(num_layers)
+    if problems:
+        raise PolicyError([f"{resolved.name}: {p}" for p in problems])
     handle = Handle(model, resolved, adapter, base_implementation)
     previous = _HANDLES.get(model)
     if previous is not None:

@@ -9,7 +9,6 @@ eviction, beam reordering and batch selection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -18,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 Normalization = Literal["none", "sum", "max", "zscore", "rank"]
 
 
-@dataclass
 class ScoreContext:
     """What a scorer may read at one decode step of one layer.
 
@@ -27,16 +25,24 @@ class ScoreContext:
             each evictable token, averaged over the query heads that share its KV head; ``None`` when no
             scorer of the policy asks for attention.
         age: ``(batch, kv_heads, tokens)`` float32, decode steps since the token entered the cache (0 for
-            the token written at this step).
+            the token written at this step). Computed on first use, from ``positions`` and ``now``, when
+            not given.
         keys: ``(batch, kv_heads, tokens, head_dim)``, the cached keys of the evictable tokens (after RoPE).
         state: ``(batch, kv_heads, tokens)`` float32, this scorer's memory; a new token's entry starts at 0.
             Update it in place.
     """
 
-    attention: torch.Tensor | None
-    age: torch.Tensor
-    keys: torch.Tensor
-    state: torch.Tensor
+    __slots__ = ("attention", "keys", "state", "_age", "_positions", "_now")
+
+    def __init__(self, attention, keys, state, age=None, positions=None, now=None):
+        self.attention, self.keys, self.state = attention, keys, state
+        self._age, self._positions, self._now = age, positions, now
+
+    @property
+    def age(self) -> torch.Tensor:
+        if self._age is None:
+            self._age = (self._now - self._positions).to(torch.float32)
+        return self._age
 
 
 class Scorer(BaseModel):
