@@ -90,6 +90,31 @@ def tuning(results: EvalResults, budget: int) -> tuple[str, str]:
     return best.config.name, "\n".join(lines)
 
 
+def compact_table(results: EvalResults, budget: int) -> str:
+    """One row per policy at ``budget``: KL (all, free, grounded), top-1, NLL, KL relative to recency and H2O."""
+    kinds = np.array([r.kind for r in results.records])
+    lines = ["| policy | KL, all 28 prompts | KL, 14 free | KL, 14 grounded | top-1 agreement | NLL of reference "
+             "| KL vs recency | KL vs H2O |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rec = prompt_values(find(results, "recency", budget), "kl", "active")
+    h2o = prompt_values(find(results, "h2o", budget), "kl", "active")
+
+    def rel(kl, base):
+        e = relative_difference(kl, base, SEED)
+        return f"{100 * e.mean:+.0f}% [{100 * e.low:+.0f}, {100 * e.high:+.0f}]"
+
+    for r in results.results:
+        if r.config.budget != budget:
+            continue
+        kl = prompt_values(r, "kl", "active")
+        cells = [r.config.name, bootstrap(kl, SEED).fmt(), bootstrap(kl[kinds == "free"], SEED).fmt(),
+                 bootstrap(kl[kinds == "grounded"], SEED).fmt(),
+                 bootstrap(prompt_values(r, "top1", "active"), SEED).fmt(),
+                 bootstrap(prompt_values(r, "nll", "active"), SEED).fmt(2),
+                 "—" if r.config.name == "recency" else rel(kl, rec), "—" if r.config.name == "h2o" else rel(kl, h2o)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", default="benchmarks/fidelity")
@@ -102,6 +127,9 @@ def main() -> int:
     print(f"Full-cache replay against the reference: KL exactly 0 at every step: "
           f"{bool((full.metrics.kl == 0).all())}; top-1 agreement 1.0: {bool(full.metrics.agree.all())}\n")
     budgets = sorted({r.config.budget for r in results.results if r.config.budget is not None})
+    for budget in budgets:
+        print(f"## B = {budget}: summary (steps with eviction; 95% bootstrap CI over prompts)\n")
+        print(compact_table(results, budget) + "\n")
     for budget in budgets:
         at = subset(results, lambda r, b=budget: r.config.budget == b)
         for kind in ("all", "free", "grounded"):
