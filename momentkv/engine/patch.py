@@ -13,6 +13,8 @@ import contextlib
 import functools
 import weakref
 
+import torch
+
 from momentkv.engine.attention import PREFIX, register_attention
 from momentkv.engine.cache import EvictingCache
 from momentkv.engine.plan import build_plans
@@ -21,7 +23,11 @@ from momentkv.patches import SUPPORTED_MODEL_TYPES, adapter_for
 from momentkv.policy.loader import PolicySource, load_policy
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-UNSUPPORTED_CACHE_IMPLEMENTATIONS = ("static", "offloaded", "offloaded_static", "quantized", "sliding_window", "hybrid")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Attributes of each layer's attention module that the engine and the attention functions read.
+ATTENTION_ATTRIBUTES = ("layer_idx", "scaling", "num_key_value_groups")
+# generate() settings that switch to assisted decoding, which crops the cache after rejected drafts.
+ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 _HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -33,8 +39,109 @@ def _cache_kwarg_name() -> str:
     return "cache" if names and "cache" in names else "past_key_values"
 
 
+def _compiled_part(model) -> str | None:
+    """How ``model`` was ``torch.compile``d (a wrapper, ``.compile()``, a compiled ``forward``), or ``None``."""
+    if getattr(model, "_orig_mod", None) is not None:
+        return f"a torch.compile wrapper ({type(model).__name__})"
+    modules = model.modules() if isinstance(model, torch.nn.Module) else [model]
+    for module in modules:
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            return f"a module compiled in place ({type(module).__name__}.compile())"
+        if hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+            return f"a compiled forward ({type(module).__name__}.forward = torch.compile(...))"
+    return None
+
+
+def _check_not_compiled(model) -> None:
+    compiled = _compiled_part(model)
+    if compiled is not None:
+        raise PolicyError(
+            f"the model is {compiled}: momentkv's cache changes shape every step, which a compiled graph cannot "
+            "follow, and a wrapper would leave the model underneath unpatched; momentkv supports eager models: "
+            "patch the uncompiled model (for a wrapper, momentkv.patch(compiled._orig_mod))"
+        )
+
+
+def _check_dtype(model) -> None:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    unsupported = sorted(str(d).replace("torch.", "") for d in dtypes if d not in SUPPORTED_DTYPES)
+    if unsupported:
+        raise PolicyError(
+            f"unsupported parameter dtype {', '.join(unsupported)}: momentkv supports float32, float16 and "
+            "bfloat16; convert the model with model.to(torch.float32) (or bfloat16/float16) first"
+        )
+
+
+def _attention_modules(model) -> list:
+    """Each decoder layer's ``self_attn`` module, in layer order."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if layers is None:
+        raise PolicyError(
+            f"{type(model).__name__} has no decoder layers where its family keeps them (model.base_model.layers): "
+            "momentkv patches the transformers classes of its supported families, unmodified"
+        )
+    return [getattr(layer, "self_attn", None) for layer in layers]
+
+
+def _check_attention_modules(model, text_config) -> None:
+    """The attention modules have the shape the engine relies on: one per layer, knowing its index and scale."""
+    modules = _attention_modules(model)
+    problems = []
+    if len(modules) != text_config.num_hidden_layers:
+        problems.append(f"the model has {len(modules)} decoder layers, its config says {text_config.num_hidden_layers}")
+    groups = text_config.num_attention_heads // text_config.num_key_value_heads
+    for idx, module in enumerate(modules):
+        if module is None:
+            problems.append(f"layer {idx} has no self_attn module")
+            continue
+        missing = [name for name in ATTENTION_ATTRIBUTES if not hasattr(module, name)]
+        if missing:
+            problems.append(f"layer {idx}: {type(module).__name__} lacks {', '.join(missing)}")
+        elif module.layer_idx != idx:
+            problems.append(f"layer {idx}: {type(module).__name__}.layer_idx is {module.layer_idx!r}, expected {idx}")
+        elif module.num_key_value_groups != groups:
+            problems.append(
+                f"layer {idx}: {type(module).__name__}.num_key_value_groups is {module.num_key_value_groups!r}, "
+                f"the config gives {groups}"
+            )
+    if problems:
+        raise PolicyError(
+            [f"unexpected attention module structure: {p}; momentkv needs the family's transformers attention "
+             f"modules with {', '.join(ATTENTION_ATTRIBUTES)}" for p in problems]
+        )
+
+
+def _check_generation_config(config, where: str = "generation_config.") -> None:
+    """Refuse generation settings the evicting cache cannot honour (in a GenerationConfig or generate kwargs)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    impl = get("cache_implementation")
+    if impl is not None:
+        raise PolicyError(
+            f"{where}cache_implementation={impl!r}: momentkv brings its own evicting cache, which generate cannot "
+            "combine with a cache implementation; leave cache_implementation unset (None)"
+        )
+    assisted = [name for name in ASSISTED_SETTINGS if get(name) not in (None, False)]
+    if get("assistant_model") is not None:
+        assisted.insert(0, "assistant_model")
+    if assisted:
+        raise PolicyError(
+            f"{where}{assisted[0]} asks for assisted decoding, which rolls the cache back after rejected drafts; "
+            "an evicting cache cannot do that; momentkv supports greedy, sampling and beam search"
+        )
+    if get("use_cache", True) is False:
+        raise PolicyError(
+            f"{where}use_cache=False: generate would keep no KV cache at all, so momentkv would bound nothing; "
+            "set use_cache=True (the default)"
+        )
+
+
 def _check_model(model):
-    """Return the family adapter and base attention implementation, or raise ``PolicyError``."""
+    """Return the family adapter and base attention implementation, or raise ``PolicyError``.
+
+    Checked in order: not a compiled model, a supported family, a supported attention implementation, the
+    parameters' dtype, the attention modules' structure, and the model's generation config.
+    """
+    _check_not_compiled(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     adapter = adapter_for(model_type) if model_type else None
@@ -50,12 +157,11 @@ def _check_model(model):
             f"scores with, and supports {', '.join(SUPPORTED_ATTENTION)}; load the model with "
             "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first"
         )
-    cache_impl = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
-    if cache_impl in UNSUPPORTED_CACHE_IMPLEMENTATIONS:
-        raise PolicyError(
-            f"generation_config.cache_implementation={cache_impl!r} cannot evict tokens; momentkv brings its own "
-            "dynamic cache: set it to None"
-        )
+    _check_dtype(model)
+    _check_attention_modules(model, config.get_text_config(decoder=True))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        _check_generation_config(generation_config)
     return adapter, implementation
 
 
@@ -63,6 +169,8 @@ class Handle:
     """What ``patch`` returns: the model's policy, a cache factory, stats, and ``remove()``.
 
     Also a context manager: ``with momentkv.patch(model, "moment.yaml"): ...`` removes the patch on exit.
+    A model carries at most one active handle: patching it again replaces this one (``active`` turns False).
+    ``remove()`` is idempotent: a second call, or a call on a replaced handle, changes nothing.
     """
 
     def __init__(self, model, policy, adapter, base_implementation: str):
@@ -94,24 +202,32 @@ class Handle:
 
     def _install(self) -> None:
         model = self.model
-        model.set_attn_implementation(self.attention_name)
-        original = type(model).generate.__get__(model)
+        original = type(model).generate.__get__(model)  # looked up before any change
         cache_kwarg = _cache_kwarg_name()
 
         @functools.wraps(original)
         def generate(*args, **kwargs):
-            _check_generate_kwargs(model, kwargs)
+            _check_generate_kwargs(model, kwargs, args)
             has_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
             if kwargs.get("use_cache", True) is not False and not has_cache:
                 kwargs[cache_kwarg] = self.new_cache()
             return original(*args, **kwargs)
 
-        model.generate = generate
+        try:
+            model.set_attn_implementation(self.attention_name)
+            model.generate = generate
+        except BaseException:
+            model.__dict__.pop("generate", None)
+            model.set_attn_implementation(self.base_implementation)
+            raise
         _HANDLES[model] = self
         self.active = True
 
     def remove(self) -> None:
-        """Restore the model exactly as it was before ``patch``. Calling it again does nothing."""
+        """Restore the model exactly as it was before ``patch``.
+
+        Calling it again, or on a handle a later ``patch`` replaced, does nothing (the replacing handle stays).
+        """
         model = self.model
         if not self.active or model is None:
             return
@@ -132,31 +248,53 @@ class Handle:
         return f"<momentkv.Handle policy={self.policy.name!r} {state}>"
 
 
-def _check_generate_kwargs(model, kwargs: dict) -> None:
+def _prompt_of(args: tuple, kwargs: dict):
+    """The prompt tensor handed to ``generate`` (positionally or by name), or ``None``."""
+    for candidate in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs")):
+        if isinstance(candidate, torch.Tensor):
+            return candidate
+    return None
+
+
+def _check_generate_kwargs(model, kwargs: dict, args: tuple = ()) -> None:
     """Refuse generation settings the evicting cache cannot honour, before any work."""
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-        raise PolicyError(
-            "assisted decoding rolls the cache back after rejected drafts, which an evicting cache cannot do; "
-            "momentkv supports greedy, sampling and beam search"
-        )
+    _check_generation_config(kwargs, where="")
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    impl = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
-    if impl in UNSUPPORTED_CACHE_IMPLEMENTATIONS:
-        raise PolicyError(f"cache_implementation={impl!r} cannot evict tokens; momentkv brings its own cache")
+    if config is not None:
+        # Settings given as keywords override the config's; check what the config adds beyond them.
+        overridden = {name for name in ("cache_implementation", "use_cache", *ASSISTED_SETTINGS) if name in kwargs}
+        _check_generation_config(
+            {name: getattr(config, name, None) for name in ("cache_implementation", "use_cache", *ASSISTED_SETTINGS)
+             if name not in overridden},
+            where="generation_config.",
+        )
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and not isinstance(cache, EvictingCache):
         raise PolicyError(
             f"a {type(cache).__name__} was passed to a patched model's generate; pass handle.new_cache() "
             "or no cache at all"
         )
+    prompt = _prompt_of(args, kwargs)
+    if prompt is not None and prompt.dim() >= 2 and prompt.shape[1] == 0:
+        raise PolicyError(
+            "an empty prompt (input_ids of shape "
+            f"{tuple(prompt.shape)}): the model cannot attend to nothing; give at least one token (e.g. BOS)"
+        )
 
 
 def patch(model, policy: PolicySource = "moment.yaml") -> Handle:
     """Hold ``model``'s decoding KV cache to ``policy``; return a :class:`Handle`.
 
-    ``policy`` is a built-in name (``"moment.yaml"``), a path, a dict or a :class:`~momentkv.Policy`. Patching a
-    patched model replaces its policy. Raises :class:`~momentkv.PolicyError` (the model untouched) for an
-    invalid policy, an unsupported model family, attention implementation or cache implementation.
+    ``policy`` is a built-in name (``"moment.yaml"``), a path, a dict or a :class:`~momentkv.Policy`.
+
+    Everything is validated before anything changes: the policy, the model family, the attention
+    implementation, the parameters' dtype (float32, float16, bfloat16), the attention modules' structure,
+    that the model is not ``torch.compile``d, and the generation settings in ``model.generation_config``
+    (no ``cache_implementation``, no assisted decoding, ``use_cache`` not False). Any failure raises
+    :class:`~momentkv.PolicyError` and leaves the model exactly as it was (a patched model keeps its patch).
+
+    Patching a patched model *replaces* its policy: the old handle becomes inactive (its ``remove()`` then does
+    nothing) and the new handle's ``remove()`` restores the model as it was before the first ``patch``.
     """
     resolved = load_policy(policy)
     adapter, base_implementation = _check_model(model)
@@ -168,7 +306,12 @@ def patch(model, policy: PolicySource = "moment.yaml") -> Handle:
     previous = _HANDLES.get(model)
     if previous is not None:
         previous.remove()
-    handle._install()
+    try:
+        handle._install()
+    except BaseException:
+        if previous is not None:
+            previous._install()
+        raise
     return handle
 
 
