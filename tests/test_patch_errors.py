@@ -83,3 +83,16 @@ def test_uncompressed_layer_beyond_the_model():
     with pytest.raises(PolicyError, match=r"uncompressed_layers\[0\]: layer 5 does not exist, the model has 2 layers"):
         momentkv.patch(model, {"decode": {"budget": 4, "uncompressed_layers": [5], "scorers": [{"type": "ema"}]}})
     assert _fingerprint(model) == ("sdpa", False, None)
+
+
+def test_evicting_cache_on_an_unpatched_model_raises_instead_of_going_stale():
+    model = tiny_model("llama")
+    handle = momentkv.patch(model, {"decode": {"budget": 2, "scorers": [{"type": "ema"}]}})
+    cache = handle.new_cache()
+    handle.remove()  # the model no longer routes attention to the cache
+    inputs = prompts(1, 4)
+    with torch.no_grad():
+        model(**inputs, cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
+        with pytest.raises(PolicyError, match="attention of the last step never reached this cache"):
+            model(input_ids=torch.tensor([[6]]), cache=cache, use_cache=True)

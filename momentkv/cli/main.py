@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "policy_cmd",
     "demo_cmd",
     "eval_cmd",
+    "bench_cmd",
 )
 
 

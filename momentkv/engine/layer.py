@@ -24,6 +24,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from momentkv.engine.group_attention import group_attention
 from momentkv.engine.plan import LayerPlan
+from momentkv.errors import PolicyError
 from momentkv.prefill.base import PrefillContext
 from momentkv.prefill.window import prompt_window_attention
 from momentkv.scoring.base import ScoreContext
@@ -63,6 +64,7 @@ class EvictingLayer(CacheLayerMixin):
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
         self.timer = None  # a momentkv.bench.timing.StepTimes while benchmarking
+        self._scores_pending = False  # a decode token was written and its step's attention not yet folded in
         self._window_queries: torch.Tensor | None = None  # (b, heads, <= window, d): the last prompt queries
         self._scaling = 1.0
         self._last_attention: torch.Tensor | None = None  # (b, h, prompt) for scope: all
@@ -94,7 +96,14 @@ class EvictingLayer(CacheLayerMixin):
             return self.keys, self.values
         if self.in_prefill:
             self._finish_prefill()
+        elif self._scores_pending:
+            raise PolicyError(
+                f"layer {self.plan.layer_idx}: the attention of the last step never reached this cache, so its "
+                "scores would go stale; use the cache with a model patched by momentkv.patch() (its attention "
+                "function reports to the cache) on transformers >= 5.24"
+            )
         self._insert_decode(key_states, value_states)
+        self._scores_pending = self.plan.budget is not None
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -356,6 +365,7 @@ class EvictingLayer(CacheLayerMixin):
 
         Called by ``observe``; tests and ``momentkv.testing`` call it directly with synthetic attention.
         """
+        self._scores_pending = False
         first = self.first_evictable
         if attention is not None and first:
             attention = attention[..., first:]
