@@ -70,7 +70,7 @@ def run(args) -> int:
     import torch
 
     text = models.chat_prompt(tokenizer, args.prompt)
-    input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([list(tokenizer(text, add_special_tokens=False)["input_ids"])])  # (1, prompt)
     suppressed = models.eos_token_ids(model, tokenizer)
     runs = {}
     for label, source in (("full cache", "full.yaml"), (policy.name, policy)):
