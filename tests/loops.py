@@ -34,7 +34,7 @@ def physical_run(model, policy, inputs, steps: int, seed: int = 0, on_step=None)
         if on_step:
             on_step(0, cache)
         next_pos = positions_for(mask)[:, -1:] + 1
-        for i, tok in enumerate(token_stream(mask.shape[0], steps, seed)):
+        for i, tok in enumerate(token_stream(mask.shape[0], steps, seed).to(mask.device)):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True)
             next_pos = next_pos + 1

@@ -23,7 +23,7 @@ import torch
 import momentkv
 
 
-def attention_heavy_model(layers: int = 2, seed: int = 0):
+def attention_heavy_model(layers: int = 2, seed: int = 0, device: str = "cpu", dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -31,7 +31,7 @@ def attention_heavy_model(layers: int = 2, seed: int = 0):
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=65536,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
     model.set_attn_implementation("sdpa")
     return model
 
@@ -42,27 +42,39 @@ def _fill(cache, model, tokens: int, generator: torch.Generator) -> None:
     for idx in range(cfg.num_hidden_layers):
         k = torch.randn(shape, generator=generator) * 0.5
         v = torch.randn(shape, generator=generator)
-        cache.update(k, v, idx)
+        cache.update(k.to(model.device, model.dtype), v.to(model.device, model.dtype), idx)
 
 
 @torch.no_grad()
 def _time_steps(model, cache, start: int, steps: int) -> float:
     """Seconds per decode step over ``steps`` single-token forwards starting at position ``start``."""
+    device = model.device
     tokens = torch.randint(0, model.config.vocab_size, (steps + 2,), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(device)
+
+    def step(i):
+        position = torch.tensor([[start + i]], device=device)
+        model(input_ids=tokens[i].view(1, 1), position_ids=position, cache=cache, use_cache=True)
+
     for i in range(2):  # warm-up
-        model(input_ids=tokens[i].view(1, 1), position_ids=torch.tensor([[start + i]]), cache=cache, use_cache=True)
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     began = time.perf_counter()
     for i in range(2, steps + 2):
-        model(input_ids=tokens[i].view(1, 1), position_ids=torch.tensor([[start + i]]), cache=cache, use_cache=True)
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - began) / steps
 
 
 def run(contexts=(8192, 16384, 32768), budget: int = 1024, decode_budget: int = 128, steps: int = 24,
-        repeats: int = 3, policy: str = "moment.yaml", progress=None) -> list[dict]:
+        repeats: int = 3, policy: str = "moment.yaml", progress=None, device: str = "cpu",
+        dtype=torch.float32, layers: int = 2) -> list[dict]:
     """Per context length: seconds per step and stored KV bytes of the full and the compressed cache."""
     from transformers import DynamicCache
 
-    model = attention_heavy_model()
+    model = attention_heavy_model(layers=layers, device=device, dtype=dtype)
     decode_policy = momentkv.load_policy(policy).model_dump()
     decode_policy["decode"]["budget"] = decode_budget
     decode_policy["name"] = f"{decode_policy['name']}+prompt{budget - decode_budget}"
