@@ -16,7 +16,12 @@ def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask, scaling: float)
     kv = key.shape[1]
     groups = h // kv
     grouped = query.reshape(b, kv, groups * q, d)
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32).mul_(scaling)
+    if query.dtype == torch.float16:
+        # The unscaled q.k can pass float16's maximum (65504) where the scaled logit does not (SDPA scales
+        # first too): scale the query before the matmul, or the scores turn inf and then NaN.
+        logits = torch.matmul(grouped * scaling, key.transpose(-1, -2)).to(torch.float32)
+    else:
+        logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32).mul_(scaling)
     logits = logits.view(b, kv, groups, q, key.shape[2])
     if mask is not None:
         m = mask[..., -q:, :]  # (b or 1, 1 or heads, q, S)
@@ -45,7 +50,8 @@ def _softmax(logits: torch.Tensor, rows_may_be_empty: bool = True) -> torch.Tens
     return weights.div_(total)
 
 
-def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
+def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+                    rows_may_be_empty: bool = False) -> torch.Tensor:
     """Softmax attention of the last query, averaged over each GQA group.
 
     Args:
@@ -54,12 +60,14 @@ def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float
         mask: ``None``, a bool mask (True = attend) or an additive float mask, shaped
             ``(batch, 1 or heads, >= 1, S)``; its last query row is used.
         scaling: the softmax scale (``head_dim ** -0.5`` for these families).
+        rows_may_be_empty: True where the query may see no key at all (the last prompt query of a row that is
+            padding from end to end): such rows give zeros, not NaN. A decode query always sees itself.
 
     Returns:
         ``(batch, kv_heads, S)`` float32; each row sums to 1 over the unmasked keys.
     """
     logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, 1, S)
-    probs = _softmax(logits, rows_may_be_empty=False)
+    probs = _softmax(logits, rows_may_be_empty=rows_may_be_empty)
     return probs.mean(dim=2).squeeze(2)
 
 

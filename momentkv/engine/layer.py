@@ -401,7 +401,8 @@ class EvictingLayer(CacheLayerMixin):
             self._window_queries = recent.clone()
             self._scaling = scaling
         if self.plan.scope == "all" and self.plan.needs_attention:
-            self._last_attention = group_attention(query[:, :, -1:], key, mask, scaling)
+            # A row that is padding from end to end has a last prompt query that sees nothing.
+            self._last_attention = group_attention(query[:, :, -1:], key, mask, scaling, rows_may_be_empty=True)
 
     # ----------------------------------------------------------------- reporting
     def stats(self) -> dict:
