@@ -25,6 +25,19 @@ def _represent_list(dumper: yaml.SafeDumper, data: list):
 
 _PolicyDumper.add_representer(list, _represent_list)
 
+# Characters YAML folds or normalises inside single-quoted and plain scalars (NEL, line and paragraph
+# separators, carriage return, BOM): strings holding them are written double-quoted, where they are escaped.
+_FOLDED = frozenset("\x85\u2028\u2029\r\ufeff")
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str):
+    if any(ch in _FOLDED or not ch.isprintable() and ch != "\n" for ch in data):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+    return dumper.represent_str(data)
+
+
+_PolicyDumper.add_representer(str, _represent_str)
+
 
 def _component(model) -> dict:
     data = model.model_dump(mode="python")
