@@ -114,7 +114,7 @@ def test_scope_all_with_prefill_compressor():
     assert all(layer["stored"] <= 14 for layers in steps[1:] for layer in layers)
 
 
-@pytest.mark.parametrize("chunk", [16, 10])
+@pytest.mark.parametrize("chunk", [16, 10, 13])  # 40 = 3 * 13 + 1: the last prompt token comes alone
 def test_chunked_prefill_keeps_the_same_tokens(chunk):
     """A window spanning chunks (40 tokens in chunks of 16 or 10, window 12) is recomputed exactly."""
     inputs = prompts(batch=2, length=40, seed=16)

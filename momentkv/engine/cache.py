@@ -16,9 +16,11 @@ class EvictingCache(Cache):
     the keys it attends to).
     """
 
-    def __init__(self, plans: list[LayerPlan], policy_name: str = "custom"):
+    def __init__(self, plans: list[LayerPlan], policy_name: str = "custom", prompt_length: int | None = None):
         super().__init__(layers=[EvictingLayer(plan) for plan in plans])
         self.policy_name = policy_name
+        for layer in self.layers:
+            layer.expected_prompt = prompt_length
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].stored if layer_idx < len(self.layers) else 0

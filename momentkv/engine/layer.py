@@ -64,6 +64,7 @@ class EvictingLayer(CacheLayerMixin):
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
         self.timer = None  # a momentkv.bench.timing.StepTimes while benchmarking
+        self.expected_prompt: int | None = None  # prompt length, when the caller knows it
         self._scores_pending = False  # a decode token was written and its step's attention not yet folded in
         self._window_queries: torch.Tensor | None = None  # (b, heads, <= window, d): the last prompt queries
         self._scaling = 1.0
@@ -90,7 +91,7 @@ class EvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.in_prefill and (self.seen == 0 or q > 1):
+        if self.in_prefill and self._prompt_continues(q):
             self._append(key_states, value_states)
             self.prompt_tokens = self.prompt_slots = self.seen
             return self.keys, self.values
@@ -105,6 +106,19 @@ class EvictingLayer(CacheLayerMixin):
         self._insert_decode(key_states, value_states)
         self._scores_pending = self.plan.budget is not None
         return self.keys, self.values
+
+    def _prompt_continues(self, q: int) -> bool:
+        """Whether ``q`` incoming tokens still belong to the prompt.
+
+        With the prompt length known (``generate`` tells the cache), exactly that many tokens are the
+        prompt, however they are chunked; otherwise every multi-token call before the first single-token
+        call is prompt.
+        """
+        if self.seen == 0:
+            return True
+        if self.expected_prompt is not None:
+            return self.seen < self.expected_prompt
+        return q > 1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.stored + query_length, 0

@@ -188,9 +188,13 @@ class Handle:
     def model(self):
         return self._model_ref()
 
-    def new_cache(self) -> EvictingCache:
-        """A fresh evicting cache for this model and policy (for manual forward loops, or ``generate(cache=...)``)."""
-        self.last_cache = EvictingCache(self.plans, self.policy.name)
+    def new_cache(self, prompt_length: int | None = None) -> EvictingCache:
+        """A fresh evicting cache for this model and policy (for manual forward loops, or ``generate(cache=...)``).
+
+        ``prompt_length`` marks exactly that many first tokens as the prompt, however they are fed; without
+        it, every multi-token forward before the first single-token one is prompt.
+        """
+        self.last_cache = EvictingCache(self.plans, self.policy.name, prompt_length)
         return self.last_cache
 
     def stats(self) -> dict:
@@ -210,7 +214,7 @@ class Handle:
             _check_generate_kwargs(model, kwargs, args)
             has_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
             if kwargs.get("use_cache", True) is not False and not has_cache:
-                kwargs[cache_kwarg] = self.new_cache()
+                kwargs[cache_kwarg] = self.new_cache(_prompt_length(args, kwargs))
             return original(*args, **kwargs)
 
         try:
@@ -254,6 +258,14 @@ def _prompt_of(args: tuple, kwargs: dict):
         if isinstance(candidate, torch.Tensor):
             return candidate
     return None
+
+
+def _prompt_length(args: tuple, kwargs: dict) -> int | None:
+    """Length of the prompt ``generate`` was given (``input_ids`` or ``inputs_embeds``), if any."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    return int(ids.shape[1]) if hasattr(ids, "shape") and len(ids.shape) >= 2 else None
 
 
 def _check_generate_kwargs(model, kwargs: dict, args: tuple = ()) -> None:
