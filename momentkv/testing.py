@@ -253,7 +253,8 @@ def invalid_policies(draw):
         return InvalidPolicy(data, f"decode.scorers[{i}].weight", "must be a number")
     if kind == "protected":
         budget = draw(st.integers(1, 16))
-        decode.update(budget=budget, recent=budget - decode["sinks"] + draw(st.integers(1, 8)), cadence=1)
+        sinks = draw(st.integers(0, budget))  # recent below stays >= 1: the only error is the budget's
+        decode.update(budget=budget, sinks=sinks, recent=budget - sinks + draw(st.integers(1, 8)), cadence=1)
         return InvalidPolicy(data, "decode.budget", "must be at least")
     if kind == "cap":
         floor = max(decode["sinks"] + max(decode["recent"], 1), 2)

@@ -273,8 +273,8 @@ class EvictingLayer(CacheLayerMixin):
             ranked = ranked.masked_fill(protected, float("inf"))
         if self.plan.sliding_window is not None:
             ranked = ranked.masked_fill(pos <= self.seen - self.plan.sliding_window, float("-inf"))
-        if self.valid is not None:
-            ranked = ranked.masked_fill(~self.valid[..., self.first_evictable :], float("-inf"))
+        if self.valid is not None and self.first_evictable == 0:  # padding is evictable only with scope: all
+            ranked = ranked.masked_fill(~self.valid, float("-inf"))
         if self.plan.granularity == "layer":
             ranked = ranked.mean(dim=1, keepdim=True).expand_as(self.scores)
         return ranked
