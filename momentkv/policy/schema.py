@@ -16,6 +16,8 @@ that breaks them, so the loader can point at a YAML line for each.
 from __future__ import annotations
 
 import math
+
+from momentkv.schedule import interpolate
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -240,15 +242,7 @@ class DecodePolicy(_Frozen):
         layers gives each layer its own budget, a single point gives every layer the same."""
         if not isinstance(self.budget, list):
             return self.budget
-        points = self.budget
-        if len(points) == 1 or num_layers == 1:
-            return points[0]
-        if len(points) == num_layers:
-            return points[layer_idx]
-        x = layer_idx / (num_layers - 1) * (len(points) - 1)
-        lo = min(int(math.floor(x)), len(points) - 2)
-        frac = x - lo
-        return max(1, round(points[lo] * (1 - frac) + points[lo + 1] * frac))
+        return interpolate(self.budget, layer_idx, num_layers)
 
     def problems_for_model(self, num_layers: int) -> list[str]:
         """What this decode policy asks that a model of ``num_layers`` layers cannot do (empty: nothing)."""

@@ -10,11 +10,10 @@ they keep it all and the top end rises to keep the average.
 
 from __future__ import annotations
 
-import math
-
 from pydantic import Field, model_validator
 
 from momentkv.prefill.base import resolve_capacity, register_prefill
+from momentkv.schedule import interpolate
 from momentkv.prefill.snapkv import SnapKV
 
 
@@ -31,18 +30,6 @@ def pyramid_capacities(average: int, window: int, prompt_len: int, num_layers: i
         return [average] * num_layers
     step = (high - low) / (num_layers - 1)
     return [max(1, round(high - i * step) + window) for i in range(num_layers)]
-
-
-def interpolate(points: list[int], layer_idx: int, num_layers: int) -> int:
-    """``points`` spread evenly over the layers, interpolated linearly (one point per layer: exact)."""
-    if len(points) == 1 or num_layers == 1:
-        return points[0]
-    if len(points) == num_layers:
-        return points[layer_idx]
-    x = layer_idx / (num_layers - 1) * (len(points) - 1)
-    lo = min(int(math.floor(x)), len(points) - 2)
-    frac = x - lo
-    return max(1, round(points[lo] * (1 - frac) + points[lo + 1] * frac))
 
 
 @register_prefill("pyramidkv")
