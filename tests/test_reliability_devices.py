@@ -46,7 +46,7 @@ def test_layer_allocates_everything_on_the_keys_device(prefill):
         layer.update(torch.empty(b, kv, 1, d, device=device), torch.empty(b, kv, 1, d, device=device), kwargs={})
         layer.observe(torch.empty(b, heads, 1, d, device=device), layer.keys, None, d ** -0.5)
     tensors = _tensors(layer)
-    assert {"keys", "values", "positions", "scores"} <= set(tensors)
+    assert {"keys", "values", "_positions", "scores"} <= set(tensors)  # positions stored once eviction began
     assert sum(name.startswith("states[") for name in tensors) == len(SCORERS)
     assert {name: t.device.type for name, t in tensors.items()} == {name: "meta" for name in tensors}
     assert layer.evicted > 0

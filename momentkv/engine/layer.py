@@ -57,7 +57,7 @@ class EvictingLayer(CacheLayerMixin):
         self.in_prefill = True
         self.identity = True  # slot j holds token j in every head: transformers' own mask is exact
         self.compressed = False  # the prompt lost tokens (prefill compressor or scope: all)
-        self.positions: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None  # None while slot j holds token j (see `positions`)
         self.valid: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.states: list[torch.Tensor] = []
@@ -77,7 +77,6 @@ class EvictingLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
-        self.positions = torch.empty((b, h, 0), dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
@@ -147,6 +146,27 @@ class EvictingLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------- sizes and budget
     @property
+    def positions(self) -> torch.Tensor | None:
+        """``(batch, kv_heads, S)`` int64: the sequence index of the token in each slot.
+
+        Stored only once eviction or compression has moved tokens; until then slot j holds token j and this
+        returns a broadcast ``arange`` (no per-step bookkeeping while the cache only grows).
+        """
+        if self._positions is None and self.keys is not None:
+            b, h, s, _ = self.keys.shape
+            return torch.arange(s, device=self.keys.device).expand(b, h, s)
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        self._positions = value
+
+    def _materialize_positions(self) -> torch.Tensor:
+        if self._positions is None:
+            self._positions = self.positions.contiguous()
+        return self._positions
+
+    @property
     def stored(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
@@ -164,14 +184,18 @@ class EvictingLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------- writing tokens
     def _per_slot_tensors(self) -> list[str]:
-        return ["keys", "values", "positions"] + (["valid"] if self.valid is not None else [])
+        names = ["keys", "values"]
+        if self._positions is not None:  # while None, positions follow the keys' shape (see `positions`)
+            names.append("positions")
+        return names + (["valid"] if self.valid is not None else [])
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, q, _ = key_states.shape
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        new_pos = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
-        self.positions = torch.cat([self.positions, new_pos], dim=-1)
+        if self._positions is not None:  # slots no longer in sequence order: record where the new ones sit
+            new_pos = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
+            self._positions = torch.cat([self._positions, new_pos], dim=-1)
         if self.valid is not None:
             self.valid = torch.cat([self.valid, self.valid.new_ones((b, h, q))], dim=-1)
         if self.scores is not None:  # scoring has started (after the prompt)
@@ -234,6 +258,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def _gather_slots(self, keep: torch.Tensor) -> None:
         """Keep only the slots ``keep`` ``(batch, kv_heads, n)`` (ascending), in every per-slot tensor."""
+        self._materialize_positions()  # slots stop matching sequence indices
         for name in self._per_slot_tensors():
             t = getattr(self, name)
             idx = keep if t.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
@@ -285,7 +310,7 @@ class EvictingLayer(CacheLayerMixin):
         slot = victim + self.first_evictable if self.first_evictable else victim
         self.keys.scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1]), key_states)
         self.values.scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, value_states.shape[-1]), value_states)
-        self.positions.scatter_(2, slot, self.seen)
+        self._materialize_positions().scatter_(2, slot, self.seen)
         if self.valid is not None:
             self.valid.scatter_(2, slot, True)
         for state in self.states:
@@ -426,7 +451,7 @@ class EvictingLayer(CacheLayerMixin):
         if self.plan.scope == "all" and self.positions is not None and not self.in_prefill:
             # Decode eviction reaches the prompt: count the prompt tokens still held (the most of any head).
             prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max()) if self.stored else 0
-        state_bytes = sum(t.nbytes for t in [self.positions, self.valid, self.scores, *self.states] if t is not None)
+        state_bytes = sum(t.nbytes for t in [self._positions, self.valid, self.scores, *self.states] if t is not None)
         return {
             "layer": self.plan.layer_idx,
             "seen": self.seen,
