@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import momentkv
-from momentkv.engine.group_attention import group_attention, window_group_attention
+from momentkv.engine.group_attention import group_attention
+from momentkv.prefill.window import prompt_window_attention
 from models import FAMILIES, prompts, tiny_model
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,7 +55,7 @@ def test_group_attention_accumulates_in_float32_without_overflow(dtype):
     expected = group_attention(query.float(), key.float(), None, scaling)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    window = window_group_attention(query.expand(2, 4, 3, 64), key, None, scaling)
+    window = prompt_window_attention(query.expand(2, 4, 3, 64), key, torch.ones(2, 10, dtype=torch.bool), scaling)
     assert window.dtype == torch.float32 and torch.isfinite(window).all()
 
 

@@ -68,17 +68,3 @@ def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float
     logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, 1, S)
     probs = _softmax(logits, rows_may_be_empty=rows_may_be_empty)
     return _group_mean(probs).squeeze(2)
-
-
-def window_group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
-    """Softmax attention of the last ``w`` queries, averaged over each GQA group: ``(batch, kv_heads, w, S)``.
-
-    Used by SnapKV-style prefill compressors under SDPA, where the model returns no attention weights.
-    """
-    logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, w, S)
-    if mask is None:  # the causal part inside the window
-        w, s = query.shape[2], key.shape[2]
-        q_idx = torch.arange(s - w, s, device=key.device).view(w, 1)
-        logits = logits.masked_fill(torch.arange(s, device=key.device).view(1, s) > q_idx, float("-inf"))
-    probs = _softmax(logits)
-    return _group_mean(probs)

@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from momentkv.engine.attention import PREFIX, register_attention
+from momentkv.engine.attention import register_attention
 from momentkv.engine.cache import EvictingCache
 from momentkv.engine.plan import build_plans
 from momentkv.errors import PolicyError
@@ -262,10 +262,10 @@ def _prompt_of(args: tuple, kwargs: dict):
 
 def _prompt_length(args: tuple, kwargs: dict) -> int | None:
     """Length of the prompt ``generate`` was given (``input_ids`` or ``inputs_embeds``), if any."""
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    return int(ids.shape[1]) if hasattr(ids, "shape") and len(ids.shape) >= 2 else None
+    prompt = _prompt_of(args, kwargs)
+    if prompt is None:
+        prompt = kwargs.get("inputs_embeds")
+    return int(prompt.shape[1]) if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
 
 
 def _check_generate_kwargs(model, kwargs: dict, args: tuple = ()) -> None:
@@ -347,7 +347,3 @@ def patched(model, policy: PolicySource = "moment.yaml"):
         yield handle
     finally:
         handle.remove()
-
-
-def is_momentkv_implementation(name: str | None) -> bool:
-    return bool(name) and name.startswith(PREFIX)
