@@ -60,7 +60,9 @@ def run_steps(
     """
     mask = attention_mask
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (b, prompt)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    # Only the last position's logits are needed: the prompt's would cost (b, prompt, vocab) floats.
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
     logits = out.logits[:, -1].float()
     last = positions[:, -1:]  # (b, 1)
     for step in range(steps):
