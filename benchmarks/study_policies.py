@@ -47,6 +47,7 @@ def tuning(budget: int) -> list[dict]:
     rank = {"normalize": "rank"}
     return [
         _p("ema0.9-bc-r8", b, [_ema(0.9, True)], recent=window(b, 8)),
+        _p("ema0.9-bc-r2", b, [_ema(0.9, True)], recent=window(b, 2)),  # H2O's window, EMA instead of a sum
         _p("ema0.8-bc-r4", b, [_ema(0.8, True)], recent=window(b, 4)),
         _p("ema0.99-bc-r", b, [_ema(0.99, True)], recent=window(b, 16)),
         _p("ema0.9-bc+rec0.5", b, [_ema(0.9, True, **rank), {"type": "recency", "weight": 0.5, **rank}]),

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from momentkv.eval.aggregate import bootstrap, paired_difference, relative_difference  # noqa: E402
 from momentkv.eval.configs import EvalConfig  # noqa: E402
+from momentkv.eval.freerun import FreeRun, compare  # noqa: E402
 from momentkv.eval.prompts import PromptRecord  # noqa: E402
 from momentkv.eval.replay import StepMetrics  # noqa: E402
 from momentkv.eval.report import markdown_table, plot_kl_vs_budget, plot_kl_vs_step, prompt_values  # noqa: E402
@@ -40,7 +41,23 @@ def load_results(raw: Path) -> EvalResults:
         metrics = StepMetrics(kl=c["kl"].double(), agree=c["agree"], nll=c["nll"].double(),
                               active_from=c["active_from"], kv_bytes=c["kv_bytes"], stored=c["stored"])
         out.results.append(ConfigResult(config=config, metrics=metrics, free=None, seconds=c["seconds"]))
+    attach_free_running(out, raw)
     return out
+
+
+def attach_free_running(results: EvalResults, raw: Path) -> None:
+    """Add ``study_free.pt``'s free-running runs to the teacher-forced results of the same label."""
+    path = raw / "study_free.pt"
+    if not path.exists():
+        return
+    free = torch.load(path)
+    reference = free["reference_tokens"].long()
+    by_label = {r.config.label: r for r in results.results}
+    for c in free["configs"]:
+        if c["label"] in by_label:
+            tokens = c["tokens"].long()
+            first, fraction = compare(tokens, reference)
+            by_label[c["label"]].free = FreeRun(tokens=tokens, first_divergence=first, equal_fraction=fraction)
 
 
 def subset(results: EvalResults, keep) -> EvalResults:
@@ -93,12 +110,18 @@ def tuning(results: EvalResults, budget: int) -> tuple[str, str]:
 def compact_table(results: EvalResults, budget: int) -> str:
     """One row per policy at ``budget``: KL (all, free, grounded), top-1, NLL, KL relative to recency and H2O."""
     kinds = np.array([r.kind for r in results.records])
-    lines = ["| policy | KL, all 28 prompts | KL, 14 free | KL, 14 grounded | top-1 agreement | NLL of reference "
+    lines = [f"| policy | KL, all {kinds.size} prompts | KL, {(kinds == 'free').sum()} free | "
+             f"KL, {(kinds == 'grounded').sum()} grounded | top-1 agreement | NLL of reference "
              "| KL vs recency | KL vs H2O |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    rec = prompt_values(find(results, "recency", budget), "kl", "active")
-    h2o = prompt_values(find(results, "h2o", budget), "kl", "active")
+    def baseline(name):
+        r = find(results, name, budget)
+        return None if r is None else prompt_values(r, "kl", "active")
+
+    rec, h2o = baseline("recency"), baseline("h2o")
 
     def rel(kl, base):
+        if base is None:
+            return "—"
         e = relative_difference(kl, base, SEED)
         return f"{100 * e.mean:+.0f}% [{100 * e.low:+.0f}, {100 * e.high:+.0f}]"
 
@@ -115,17 +138,40 @@ def compact_table(results: EvalResults, budget: int) -> str:
     return "\n".join(lines)
 
 
+def free_running_table(results: EvalResults) -> str:
+    """Free-running greedy decoding: first step that differs from the full cache's output, share of equal tokens."""
+    lines = ["| policy | budget | first divergent step | equal tokens | KL active (teacher-forced) |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in results.results:
+        if r.free is None:
+            continue
+        lines.append(f"| {r.config.name} | {r.config.budget} | "
+                     f"{bootstrap(prompt_values(r, 'first_divergence', 'all'), SEED).fmt(1)} | "
+                     f"{bootstrap(prompt_values(r, 'equal_tokens', 'all'), SEED).fmt()} | "
+                     f"{bootstrap(prompt_values(r, 'kl', 'active'), SEED).fmt()} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", default="benchmarks/fidelity")
     parser.add_argument("--img", default="docs/img")
+    parser.add_argument("--img-prefix", default="", help="prefix of the plots' file names")
+    parser.add_argument("--min-variants", type=int, default=8,
+                        help="rank the Moment-KV variants of a budget when at least this many were measured")
     args = parser.parse_args()
     results = load_results(Path(args.raw))
     img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
+    prefix = args.img_prefix
+    print(f"{len(results.records)} prompts, {results.steps} generated tokens, device {results.meta.get('device')}\n")
     full = find(results, "full", None)
-    print(f"Full-cache replay against the reference: KL exactly 0 at every step: "
-          f"{bool((full.metrics.kl == 0).all())}; top-1 agreement 1.0: {bool(full.metrics.agree.all())}\n")
+    if full is not None:
+        print(f"Full-cache replay against the reference: KL exactly 0 at every step: "
+              f"{bool((full.metrics.kl == 0).all())}; top-1 agreement 1.0: {bool(full.metrics.agree.all())}\n")
+    if any(r.free is not None for r in results.results):
+        print("## Free-running greedy decoding (95% bootstrap CI over prompts)\n")
+        print(free_running_table(results) + "\n")
     budgets = sorted({r.config.budget for r in results.results if r.config.budget is not None})
     for budget in budgets:
         print(f"## B = {budget}: summary (steps with eviction; 95% bootstrap CI over prompts)\n")
@@ -145,15 +191,16 @@ def main() -> int:
                     print(f"- {r.config.name}: {100 * rel.mean:+.1f}% [{100 * rel.low:+.1f}, {100 * rel.high:+.1f}]")
                 print()
     for budget in budgets:
-        if sum(r.config.name.startswith("ema") for r in results.results if r.config.budget == budget) >= 8:
+        if sum(r.config.name.startswith("ema") for r in results.results
+               if r.config.budget == budget) >= args.min_variants:
             name, text = tuning(results, budget)
             print(text + "\n")
     both = {r.config.name for r in results.results if r.config.budget == budgets[0]} & \
         {r.config.name for r in results.results if r.config.budget == budgets[-1]}
-    plot_kl_vs_budget(subset(results, lambda r: r.config.name in both), img / "kl_vs_budget.png")
+    plot_kl_vs_budget(subset(results, lambda r: r.config.name in both), img / f"{prefix}kl_vs_budget.png")
     for budget in budgets:
         plot_kl_vs_step(subset(results, lambda r: r.config.name in STEP_PLOT), budget,
-                        img / f"kl_vs_step_B{budget}.png")
+                        img / f"{prefix}kl_vs_step_B{budget}.png")
     return 0
 
 

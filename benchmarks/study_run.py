@@ -1,6 +1,7 @@
 """Run the fidelity study's passes in parallel worker processes and save the raw per-step data.
 
     python benchmarks/study_run.py --out DIR [--new-tokens 512] [--workers 10] [--deadline-s 400] [--device cuda]
+        [--select LABEL ...]
 
 1. Load SmolLM2, encode the built-in prompt set, generate the full-cache reference once (all prompts in one
    left-padded batch) and share it with the workers through a memory-mapped file.
@@ -9,7 +10,9 @@
    same batch as the reference, until the deadline; a task that would not finish in time is not started.
 3. Save ``study_tf.pt`` (per-step KL, agreement, NLL, first eviction step per config), ``study_free.pt``
    (free-running tokens) and ``study_meta.json``; then time each built-in policy at batch 1 (``cost.json``).
-``study_report.py`` turns these into docs/results.md's tables and plots. ``--tiny`` runs the same pipeline on
+``--select`` runs only the named tasks, in the order given: ``name@budget`` for a teacher-forced replay,
+``free:name@budget`` for free-running decoding, ``full`` for the full cache's own replay (names from
+``study_policies.py``). ``study_report.py`` turns these into docs/results.md's tables and plots. ``--tiny`` runs the same pipeline on
 a tiny random model (a smoke test).
 """
 
@@ -40,7 +43,20 @@ def tasks_in_order(budgets=BUDGETS) -> list[tuple[str, dict, int | None]]:
     tasks += [("tf", p, b) for b in budgets for p in comparison(b)]
     tasks += [("tf", p, b) for b in budgets for p in tuning(b)]
     tasks += [("free", p, b) for b in budgets for p in comparison(b)]
+    tasks += [("free", p, b) for b in budgets for p in tuning(b)]
     return tasks
+
+
+def select_tasks(labels: list[str], budgets=BUDGETS) -> list[tuple[str, dict, int | None]]:
+    """The tasks named by ``labels`` (see the module docstring), in that order; unknown labels raise."""
+    catalog = {}
+    for kind, policy, budget in tasks_in_order(budgets):
+        label = policy["name"] + ("" if budget is None else f"@{budget}")
+        catalog[label if kind == "tf" else f"free:{label}"] = (kind, policy, budget)
+    unknown = [label for label in labels if label not in catalog]
+    if unknown:
+        raise SystemExit(f"unknown task labels {unknown}; known: {sorted(catalog)}")
+    return [catalog[label] for label in labels]
 
 
 def _load_model(args, device):
@@ -60,6 +76,8 @@ def _batches(meta, device):
 
 def worker(rank, args, meta, task_q, result_q, deadline):
     torch.set_float32_matmul_precision("highest")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from momentkv.eval.freerun import free_running
     from momentkv.eval.reference import Reference
@@ -141,9 +159,12 @@ def main() -> int:
     parser.add_argument("--ref-path", default="/dev/shm/momentkv-reference.pt")
     parser.add_argument("--parts-dir", default="/dev/shm/momentkv-parts")
     parser.add_argument("--limit-tasks", type=int, default=None)
+    parser.add_argument("--select", nargs="+", default=None, help="only these tasks, in this order")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--tiny", action="store_true", help="tiny random model, 4 prompts (smoke test)")
     parser.add_argument("--tiny-shape", action="store_true", help="with --tiny: SmolLM2's shapes, 28 prompts")
     args = parser.parse_args()
+    tasks = (select_tasks(args.select) if args.select else tasks_in_order())[: args.limit_tasks]
     start = time.time()
     torch.set_float32_matmul_precision("highest")
     out = Path(args.out)
@@ -182,7 +203,6 @@ def main() -> int:
     del reference, model
     print(f"reference: {meta['reference_seconds']:.1f}s; setup {time.time() - start:.1f}s", flush=True)
 
-    tasks = tasks_in_order()[: args.limit_tasks]
     Path(args.parts_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     task_q, result_q = ctx.Queue(), ctx.Queue()
