@@ -27,12 +27,18 @@ from momentkv.eval.runner import ConfigResult, EvalResults  # noqa: E402
 from momentkv.policy import load_policy  # noqa: E402
 
 SEED = 0
-STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.95", "ema0.5")
+STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.9-bc-r2", "ema0.95", "ema0.5")
 
 
-def load_results(raw: Path) -> EvalResults:
+def load_results(raw: Path, more: tuple[Path, ...] = ()) -> EvalResults:
+    """``raw``'s results, plus the configs of runs in ``more`` that shared its reference (checked)."""
     meta = json.loads((raw / "study_meta.json").read_text())
     tf = torch.load(raw / "study_tf.pt")
+    for extra in more:
+        other = torch.load(extra / "study_tf.pt")
+        if not torch.equal(other["reference_nll"], tf["reference_nll"]):
+            raise SystemExit(f"{extra} was run against a different reference than {raw}")
+        tf["configs"] += other["configs"]
     records = [PromptRecord(**p) for p in meta["prompts"]]
     out = EvalResults(records=records, steps=meta["steps"], seed=SEED, model_name="SmolLM2-135M-Instruct",
                       reference_nll=tf["reference_nll"].double(), meta=meta)
@@ -41,7 +47,8 @@ def load_results(raw: Path) -> EvalResults:
         metrics = StepMetrics(kl=c["kl"].double(), agree=c["agree"], nll=c["nll"].double(),
                               active_from=c["active_from"], kv_bytes=c["kv_bytes"], stored=c["stored"])
         out.results.append(ConfigResult(config=config, metrics=metrics, free=None, seconds=c["seconds"]))
-    attach_free_running(out, raw)
+    for folder in (raw, *more):
+        attach_free_running(out, folder)
     return out
 
 
@@ -155,12 +162,13 @@ def free_running_table(results: EvalResults) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", default="benchmarks/fidelity")
+    parser.add_argument("--more-raw", nargs="*", default=[], help="runs that reused --raw's reference")
     parser.add_argument("--img", default="docs/img")
     parser.add_argument("--img-prefix", default="", help="prefix of the plots' file names")
     parser.add_argument("--min-variants", type=int, default=8,
                         help="rank the Moment-KV variants of a budget when at least this many were measured")
     args = parser.parse_args()
-    results = load_results(Path(args.raw))
+    results = load_results(Path(args.raw), tuple(Path(p) for p in args.more_raw))
     img = Path(args.img)
     img.mkdir(parents=True, exist_ok=True)
     prefix = args.img_prefix

@@ -161,6 +161,8 @@ def main() -> int:
     parser.add_argument("--limit-tasks", type=int, default=None)
     parser.add_argument("--select", nargs="+", default=None, help="only these tasks, in this order")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="take the reference saved at --ref-path by an earlier run instead of generating it")
     parser.add_argument("--tiny", action="store_true", help="tiny random model, 4 prompts (smoke test)")
     parser.add_argument("--tiny-shape", action="store_true", help="with --tiny: SmolLM2's shapes, 28 prompts")
     args = parser.parse_args()
@@ -196,11 +198,19 @@ def main() -> int:
     meta["transformers"] = transformers.__version__
     batches = _batches(meta, device)
     t0 = time.time()
-    reference = generate_reference(model, batches, args.new_tokens, suppressed, store_device="cpu")
+    if args.reuse_reference:  # a reference an earlier run saved for the same prompts, model and length
+        reference = torch.load(args.ref_path, mmap=True)
+        if tuple(reference["tokens"].shape) != (len(encoded), args.new_tokens):
+            raise SystemExit(f"{args.ref_path} holds {tuple(reference['tokens'].shape)} tokens, "
+                             f"not {(len(encoded), args.new_tokens)}")
+        tokens, logprobs = reference["tokens"], reference["logprobs"]
+    else:
+        reference = generate_reference(model, batches, args.new_tokens, suppressed, store_device="cpu")
+        tokens, logprobs = reference.tokens, reference.logprobs
+        torch.save({"tokens": tokens, "logprobs": logprobs}, args.ref_path)
     meta["reference_seconds"] = time.time() - t0
-    torch.save({"tokens": reference.tokens, "logprobs": reference.logprobs}, args.ref_path)
-    ref_nll = -reference.logprobs.gather(-1, reference.tokens.unsqueeze(-1)).squeeze(-1)
-    del reference, model
+    ref_nll = -logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    del reference, model, tokens, logprobs
     print(f"reference: {meta['reference_seconds']:.1f}s; setup {time.time() - start:.1f}s", flush=True)
 
     Path(args.parts_dir).mkdir(parents=True, exist_ok=True)
