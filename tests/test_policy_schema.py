@@ -100,7 +100,8 @@ def test_python_api_builds_what_yaml_describes():
     built = Policy(
         name="moment",
         description=load_policy("moment").description,
-        decode=DecodePolicy(budget=128, recent=8, scorers=[EMA(alpha=0.9, bias_correction=True)]),
+        decode=DecodePolicy(budget=128, scorers=[EMA(alpha=0.9, bias_correction=True, normalize="rank"),
+                                                 Recency(weight=1.0, normalize="rank")]),
     )
     assert built == load_policy("moment.yaml")
     assert DecodePolicy(budget=(4, 8), uncompressed_layers=(1,), scorers=(Recency(),)).budget == [4, 8]
