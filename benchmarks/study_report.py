@@ -27,7 +27,7 @@ from momentkv.eval.runner import ConfigResult, EvalResults  # noqa: E402
 from momentkv.policy import load_policy  # noqa: E402
 
 SEED = 0
-STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.9-bc-r2", "ema0.95", "ema0.5")
+STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.9-bc-r2", "ema0.9-bc+rec1", "ema0.95", "ema0.5")
 
 
 def load_results(raw: Path, more: tuple[Path, ...] = ()) -> EvalResults:
