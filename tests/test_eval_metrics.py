@@ -102,8 +102,10 @@ def test_free_running_comparison():
 def test_budget_override_scales_protections():
     h2o = with_budget(load_policy("h2o.yaml"), 32)
     assert h2o.decode.budget == 32 and h2o.decode.recent == 16
-    tiny = with_budget(load_policy("moment.yaml"), 2)
+    windowed = {"name": "w", "decode": {"budget": 128, "recent": 8, "scorers": [{"type": "ema", "alpha": 0.9}]}}
+    tiny = with_budget(load_policy(windowed), 2)
     assert tiny.decode.budget == 2 and tiny.decode.recent == 1
+    assert with_budget(load_policy("moment.yaml"), 2).decode.recent == 0  # no window stays no window
     assert with_budget(load_policy("full.yaml"), 8).decode is None
     labels = [c.label for c in build_configs(["full.yaml", "tova.yaml"], [8, 16])]
     assert labels == ["full", "tova@8", "tova@16"]
