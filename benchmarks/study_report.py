@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from momentkv.eval.aggregate import bootstrap, paired_difference, relative_difference  # noqa: E402
 from momentkv.eval.configs import EvalConfig  # noqa: E402
-from momentkv.eval.freerun import FreeRun, compare  # noqa: E402
+from momentkv.eval.freerun import free_run_of  # noqa: E402
 from momentkv.eval.prompts import PromptRecord  # noqa: E402
 from momentkv.eval.replay import StepMetrics  # noqa: E402
 from momentkv.eval.report import markdown_table, plot_kl_vs_budget, plot_kl_vs_step, prompt_values  # noqa: E402
@@ -27,7 +27,8 @@ from momentkv.eval.runner import ConfigResult, EvalResults  # noqa: E402
 from momentkv.policy import load_policy  # noqa: E402
 
 SEED = 0
-STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.9-bc-r2", "ema0.9-bc+rec1", "ema0.95", "ema0.5")
+STEP_PLOT = ("recency", "tova", "h2o", "scope", "ema0.9", "ema0.9-bc", "ema0.9-bc-r", "ema0.9-bc-r2", "ema0.9-bc+rec1",
+             "ema0.95", "ema0.5")
 
 
 def load_results(raw: Path, more: tuple[Path, ...] = ()) -> EvalResults:
@@ -62,9 +63,7 @@ def attach_free_running(results: EvalResults, raw: Path) -> None:
     by_label = {r.config.label: r for r in results.results}
     for c in free["configs"]:
         if c["label"] in by_label:
-            tokens = c["tokens"].long()
-            first, fraction = compare(tokens, reference)
-            by_label[c["label"]].free = FreeRun(tokens=tokens, first_divergence=first, equal_fraction=fraction)
+            by_label[c["label"]].free = free_run_of(c["tokens"].long(), reference)
 
 
 def subset(results: EvalResults, keep) -> EvalResults:

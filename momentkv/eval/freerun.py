@@ -28,6 +28,12 @@ def compare(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> tuple[torch
     return first.long(), equal.double().mean(-1)
 
 
+def free_run_of(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> FreeRun:
+    """A :class:`FreeRun` of the policy's ``tokens`` ``(P, N)`` compared with ``reference_tokens``."""
+    first, fraction = compare(tokens, reference_tokens)
+    return FreeRun(tokens=tokens, first_divergence=first, equal_fraction=fraction)
+
+
 def free_running(model, policy, batches: list[Batch], reference: Reference, progress=None) -> FreeRun:
     """Greedy generation of as many tokens as the reference, under ``policy``."""
     prompts, steps = reference.tokens.shape
@@ -46,5 +52,4 @@ def free_running(model, policy, batches: list[Batch], reference: Reference, prog
                 tokens[rows, step] = chosen[step].cpu()
                 if progress is not None:
                     progress.update(len(batch.rows))
-    first, fraction = compare(tokens, reference.tokens.cpu())
-    return FreeRun(tokens=tokens, first_divergence=first, equal_fraction=fraction)
+    return free_run_of(tokens, reference.tokens.cpu())

@@ -16,8 +16,6 @@ that breaks them, so the loader can point at a YAML line for each.
 from __future__ import annotations
 
 import math
-
-from momentkv.schedule import interpolate
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,6 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
+from momentkv.schedule import interpolate
 from momentkv.scoring import Scorer, scorer_class, scorer_names
 
 
