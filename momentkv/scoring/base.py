@@ -1,15 +1,26 @@
 """What a scorer is: a small pydantic model whose fields are its parameters, with one method over tensors.
 
 A scorer ranks the evictable tokens of one cache layer; the lowest combined score is evicted first.
-Every tensor it sees is shaped ``(batch, kv_heads, tokens)`` where ``tokens`` counts the layer's evictable
-slots (the generated tokens, unless the policy makes the prompt evictable too). A scorer keeps no state of
-its own: the cache layer owns one float32 ``state`` tensor per scorer, which moves with the slots through
-eviction, beam reordering and batch selection.
+Every per-token tensor it sees is shaped ``(batch, kv_heads, tokens)`` where ``tokens`` counts the layer's
+evictable slots (the generated tokens, unless the policy makes the prompt evictable too). A scorer keeps no
+state of its own: the cache layer owns its ``state`` tensor, which moves with the slots through eviction,
+beam reordering and batch selection.
+
+The contract, which custom scorers rely on (see docs/custom-scorers.md):
+
+- ``update(ctx)`` returns this step's scores, ``(batch, kv_heads, tokens)`` float32, higher = keep. It may
+  modify ``ctx.state`` in place, and nothing else in ``ctx``.
+- It is called after every decode step, or, when ``every_step()`` is False, only on the steps where the layer
+  is about to rank its tokens for eviction (with ``cadence: k``, once every ``k`` steps): costly signals
+  (redundancy among keys, the attention of a window of queries) are computed only when they are used.
+- ``needs_attention`` says whether it reads ``ctx.attention``; ``query_window()`` how many of the last queries
+  ``ctx.window_attention`` must be able to give it; ``state_channels`` how many float32 values per token its
+  state holds.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,31 +29,56 @@ Normalization = Literal["none", "sum", "max", "zscore", "rank"]
 
 
 class ScoreContext:
-    """What a scorer may read at one decode step of one layer.
+    """What a scorer may read at one decode step of one layer. Treat every tensor but ``state`` as read-only.
 
     Attributes:
         attention: ``(batch, kv_heads, tokens)`` float32, the softmax attention that the current query gives
-            each evictable token, averaged over the query heads that share its KV head; ``None`` when no
-            scorer of the policy asks for attention.
-        age: ``(batch, kv_heads, tokens)`` float32, decode steps since the token entered the cache (0 for
-            the token written at this step). Computed on first use, from ``positions`` and ``now``, when
-            not given.
+            each evictable token, averaged over the query heads that share its KV head (the softmax runs over
+            every stored key, the prompt's included). ``None`` when no scorer of the policy declares
+            ``needs_attention``.
         keys: ``(batch, kv_heads, tokens, head_dim)``, the cached keys of the evictable tokens (after RoPE).
-        state: ``(batch, kv_heads, tokens)`` float32, this scorer's memory; a new token's entry starts at 0.
-            Update it in place.
+        values: ``(batch, kv_heads, tokens, head_dim)``, their cached values.
+        state: this scorer's memory, float32, updated in place: ``(batch, kv_heads, tokens)``, or
+            ``(state_channels, batch, kv_heads, tokens)`` when the scorer declares more than one channel.
+            A new token's entries start at 0.
+        positions: ``(batch, kv_heads, tokens)`` int64, each token's sequence index (0 for the first prompt
+            token; padding counts, as in the model's own cache).
+        now: the sequence index of the newest token (the one written at this step).
+        age: ``(batch, kv_heads, tokens)`` float32, ``now - positions``: 0 for the newest token. Computed on
+            first use.
+        valid: ``(batch, kv_heads, tokens)`` bool, False at padding; ``None`` when there is no padding.
+        layer_idx, num_layers: where the layer sits in the model.
     """
 
-    __slots__ = ("attention", "keys", "state", "_age", "_positions", "_now")
+    __slots__ = ("attention", "keys", "values", "state", "positions", "now", "valid", "layer_idx", "num_layers",
+                 "_age", "_window")
 
-    def __init__(self, attention, keys, state, age=None, positions=None, now=None):
-        self.attention, self.keys, self.state = attention, keys, state
-        self._age, self._positions, self._now = age, positions, now
+    def __init__(self, attention, keys, state, age=None, positions=None, now=None, values=None, valid=None,
+                 layer_idx: int = 0, num_layers: int = 1,
+                 window: Callable[[int], torch.Tensor] | None = None):
+        self.attention, self.keys, self.values, self.state = attention, keys, values, state
+        self.positions, self.now, self.valid = positions, now, valid
+        self.layer_idx, self.num_layers = layer_idx, num_layers
+        self._age, self._window = age, window
 
     @property
     def age(self) -> torch.Tensor:
         if self._age is None:
-            self._age = (self._now - self._positions).to(torch.float32)
+            self._age = (self.now - self.positions).to(torch.float32)
         return self._age
+
+    def window_attention(self, window: int) -> torch.Tensor:
+        """The attention of the last ``window`` queries, per query head: ``(batch, kv_heads, groups, w, tokens)``.
+
+        float32 softmax rows, one per query (oldest first) and query head (``groups`` query heads share each KV
+        head), over every key stored now, each query seeing only the tokens at or before its own position
+        (and within the layer's sliding window, and not padding), restricted to the evictable tokens.
+        ``w <= window``: fewer at the very start of a sequence. Only as many queries as the scorer's
+        ``query_window()`` asked for are kept; asking for more raises ``ValueError``.
+        """
+        if self._window is None:
+            raise ValueError("this layer keeps no query window: the scorer must return it from query_window()")
+        return self._window(window)
 
 
 class Scorer(BaseModel):
@@ -68,6 +104,16 @@ class Scorer(BaseModel):
 
     #: Whether ``ScoreContext.attention`` must be computed for this scorer (costs one q.K pass per layer).
     needs_attention: ClassVar[bool] = True
+    #: Float32 values per token in ``ScoreContext.state``.
+    state_channels: ClassVar[int] = 1
+
+    def query_window(self) -> int:
+        """How many of the last queries ``ctx.window_attention`` must be able to give (0: none)."""
+        return 0
+
+    def every_step(self) -> bool:
+        """True: ``update`` runs after every decode step. False: only when the layer is about to rank."""
+        return True
 
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         """Return this step's scores, ``(batch, kv_heads, tokens)`` float32; higher means keep."""
