@@ -14,7 +14,8 @@ The contract, which custom scorers rely on (see docs/custom-scorers.md):
   is about to rank its tokens for eviction (with ``cadence: k``, once every ``k`` steps): costly signals
   (redundancy among keys, the attention of a window of queries) are computed only when they are used.
 - ``needs_attention`` says whether it reads ``ctx.attention``; ``query_window()`` how many of the last queries
-  ``ctx.window_attention`` must be able to give it; ``state_channels`` how many float32 values per token its
+  ``ctx.window_attention`` must be able to give it (a scorer with a query window reads that instead: the
+  layer computes ``ctx.attention`` only for the scorers with ``needs_attention`` and no window); ``state_channels`` how many float32 values per token its
   state holds.
 """
 
