@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from momentkv.cli.imports import add_import_option, import_modules
+
 DEFAULT_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle."
 
 
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--total-budget", type=int, default=1024, help="attention-heavy: prompt + decode tokens kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    add_import_option(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     if any(n <= 0 for n in args.lengths) or args.repeats <= 0 or (args.budget is not None and args.budget <= 0):
         print("momentkv bench: lengths, repeats and budget must be positive", file=sys.stderr)
+        return 2
+    problem = import_modules(args.imports)
+    if problem:
+        print(f"momentkv bench: {problem}", file=sys.stderr)
         return 2
     try:
         policies = [_policy_with_budget(p, args.budget) for p in args.policies]

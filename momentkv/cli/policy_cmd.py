@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from momentkv.cli.imports import add_import_option, import_modules
 from momentkv.errors import PolicyError
 from momentkv.policy import builtin_policy_names, dump_policy, load_policy, summarize
 
 
+def _imported(command: str, args: argparse.Namespace) -> bool:
+    """Import the ``--import`` modules; False (after a message) when one fails."""
+    problem = import_modules(args.imports)
+    if problem:
+        print(f"momentkv {command}: {problem}", file=sys.stderr)
+    return problem is None
+
+
 def validate(args: argparse.Namespace) -> int:
-    """Exit 0 with one summary line per valid file; exit 1 with every problem of every invalid file."""
+    """Exit 0 with one summary line per valid file; exit 1 with every problem of every invalid file; exit 2
+    when an ``--import`` module fails."""
+    if not _imported("validate", args):
+        return 2
     failed = False
     for source in args.files:
         try:
@@ -35,6 +47,8 @@ def policies(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """The resolved policy (``extends`` applied, defaults written) as YAML."""
+    if not _imported("show", args):
+        return 2
     try:
         policy = load_policy(args.name)
     except PolicyError as err:
@@ -48,9 +62,11 @@ def show(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     cmd = subparsers.add_parser("validate", help="check policy files; print a summary or every error")
     cmd.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files or built-in names")
+    add_import_option(cmd)
     cmd.set_defaults(func=validate)
     cmd = subparsers.add_parser("policies", help="list the built-in policies")
     cmd.set_defaults(func=policies)
     cmd = subparsers.add_parser("show", help="print a policy resolved (extends applied) as YAML")
     cmd.add_argument("name", metavar="NAME", help="a built-in name or a policy file")
+    add_import_option(cmd)
     cmd.set_defaults(func=show)
