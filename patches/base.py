@@ -1,4 +1,5 @@
-"""What the engine needs to know about a model family, and the registry keyed by ``config.model_type``.
+"""What the engine needs to know about a model family (:class:`FamilyAdapter`); the families are in
+``families.py``.
 
 Every supported family shares Llama's attention shape in transformers 5.x: projections (Qwen3 adds a
 per-head RMSNorm on q and k), RoPE, ``cache.update(k, v, layer_idx, kwargs=kwargs)``, then the attention
@@ -11,7 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-ADAPTERS: dict[str, "FamilyAdapter"] = {}
+#: How a family assigns sliding windows to layers (see :attr:`FamilyAdapter.sliding`).
+SLIDING_RULES = ("none", "all_layers", "layer_types")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class FamilyAdapter:
     modeling_module: str
     sliding: str = "none"
 
+    def __post_init__(self):
+        if self.sliding not in SLIDING_RULES:
+            raise ValueError(f"{self.model_type}: sliding must be one of {', '.join(SLIDING_RULES)}, "
+                             f"got {self.sliding!r}")
+
     def eager_attention(self) -> Callable:
         """The family's own eager attention function (what ``attn_implementation="eager"`` runs)."""
         return importlib.import_module(self.modeling_module).eager_attention_forward
@@ -44,12 +51,3 @@ class FamilyAdapter:
             return [window] * n
         types = getattr(config, "layer_types", None) or ["full_attention"] * n
         return [window if t == "sliding_attention" else None for t in types]
-
-
-def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
-    ADAPTERS[adapter.model_type] = adapter
-    return adapter
-
-
-def adapter_for(model_type: str) -> FamilyAdapter | None:
-    return ADAPTERS.get(model_type)
