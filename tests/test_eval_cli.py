@@ -45,6 +45,10 @@ def _eval(out, prompts, *extra):
     (["--policies", "recency.yaml", "--budgets", "16", "0"], "positive"),
     (["--policies", "recency.yaml", "--budgets", "-4"], "positive"),
     (["--new-tokens", "0"], "positive"),
+    (["--total-budgets", "0"], "total budgets must be positive"),
+    (["--temperature", "0.5"], "add --reference sample"),
+    (["--reference", "sample", "--temperature", "0"], "--temperature must be positive"),
+    (["--reference", "sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
 ])
 def test_bad_arguments_exit_2_without_output(tmp_path, prompts, capsys, extra, message, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
@@ -85,8 +89,8 @@ def test_complete_run_writes_every_output(tmp_path, prompts, monkeypatch):
     code = _eval(out, prompts, "--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "64", "--seed", "1")
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["kl_vs_budget.png", "kl_vs_step_B4.png", "kl_vs_step_B64.png", "raw.pt", "results.csv",
-                     "results.md"]
+    assert names == ["kl_vs_budget.png", "kl_vs_step_B4.png", "kl_vs_step_B64.png", "prompts.csv", "raw.pt",
+                     "results.csv", "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.jsonl"]  # no temporary folder left
     rows = list(csv.DictReader(open(out / "results.csv")))
     kl = {(r["label"], r["kind"], r["steps"]): float(r["mean"]) for r in rows if r["metric"] == "kl"}
@@ -109,3 +113,32 @@ def test_failed_run_leaves_no_partial_output(tmp_path, prompts, monkeypatch):
     with pytest.raises(RuntimeError):
         _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+def test_sampled_reference_with_total_budgets_and_a_store(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    store = tmp_path / "store"
+    args = ["--policies", "recency.yaml", "recency-all.yaml", "--total-budgets", "30", "--reference", "sample",
+            "--temperature", "0.9", "--top-p", "0.9", "--store", str(store)]
+    assert _eval(tmp_path / "a", prompts, *args) == 0
+    err = capsys.readouterr().err
+    assert "every prompt runs alone" in err and "recency@T30: KV slots per layer" in err
+    text = (tmp_path / "a" / "results.md").read_text()
+    assert "reference sampled (temperature 0.9, top-p 0.9, seed 0)" in text
+    assert "--reference sample --temperature 0.9 --top-p 0.9" in text and "| recency | T 30 |" in text
+    rows = list(csv.DictReader(open(tmp_path / "a" / "prompts.csv")))
+    assert [r["prompt"] for r in rows] == ["p0", "p1", "p2"] and all(0 <= float(r["reference_rep4"]) <= 1 for r in rows)
+    (folder,) = store.iterdir()
+    assert sorted(p.name for p in (folder / "passes").iterdir()) == ["full.pt", "recency-all@T30.pt", "recency@T30.pt"]
+    # A rerun loads the reference and every pass instead of computing them: same numbers.
+    assert _eval(tmp_path / "b", prompts, *args) == 0
+    assert capsys.readouterr().err.count("loaded from the store") == 3
+    assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
+
+
+def test_a_total_budget_that_a_prompt_fills_exits_2(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    out = tmp_path / "out"
+    assert _eval(out, prompts, "--policies", "recency.yaml", "--total-budgets", "10") == 2
+    assert "total budget 10 leaves no room" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,8 +1,10 @@
 """``momentkv eval``: how faithful each policy stays to the full cache, per budget, on a prompt set.
 
 Every input is checked before any output exists: an unknown policy, a budget <= 0, an empty or malformed
-prompt file, or a model that cannot be loaded ends with a message and exit code 2. Outputs are written to
-a temporary folder beside ``--out`` and moved into place only once complete.
+prompt file, sampling settings out of range, a total budget that a prompt fills, or a model that cannot be
+loaded ends with a message and exit code 2. Outputs are written to a temporary folder beside ``--out`` and
+moved into place only once complete. With ``--store DIR`` the reference and every finished pass are also
+saved under DIR, and a rerun loads them instead of recomputing (a long run can be stopped and continued).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 EXIT_USAGE = 2
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.95
 
 
 def register(subparsers) -> None:
@@ -25,6 +29,18 @@ def register(subparsers) -> None:
                    help="built-in policy names or YAML files (full.yaml is the reference and always included)")
     p.add_argument("--budgets", nargs="+", type=int, default=None,
                    help="decode budgets in tokens; each replaces the policies' own (default: the policies' own)")
+    p.add_argument("--total-budgets", nargs="+", type=int, default=None,
+                   help="total KV tokens per layer and head (prompt + generated): scope-all policies get it as "
+                        "their budget, prompt-intact ones the total minus each prompt's length (each prompt then "
+                        "runs alone, batch size 1)")
+    p.add_argument("--reference", choices=["greedy", "sample"], default="greedy",
+                   help="how the full cache chooses the reference tokens (sample: one seeded stream per prompt)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"with --reference sample: temperature (default {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"with --reference sample: nucleus mass (default {DEFAULT_TOP_P})")
+    p.add_argument("--store", default=None,
+                   help="folder that keeps the reference and every pass; a rerun loads what it holds")
     p.add_argument("--prompts", default=None, help="JSONL prompt file (default: the built-in set)")
     p.add_argument("--split", choices=["tune", "heldout"], default=None, help="use only this split of the prompts")
     p.add_argument("--kind", choices=["free", "grounded"], default=None, help="use only this kind of prompt")
@@ -36,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-free-running", action="store_true", help="skip free-running greedy decoding")
     p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the table")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and torch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, of torch and of a sampled reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,7 +72,22 @@ def _check_numbers(args) -> str | None:
     if args.budgets is not None and any(b <= 0 for b in args.budgets):
         bad = ", ".join(str(b) for b in args.budgets if b <= 0)
         return f"budgets must be positive numbers of tokens, got {bad}"
+    if args.total_budgets is not None and any(b <= 0 for b in args.total_budgets):
+        bad = ", ".join(str(b) for b in args.total_budgets if b <= 0)
+        return f"total budgets must be positive numbers of tokens, got {bad}"
+    if args.reference == "greedy" and (args.temperature is not None or args.top_p is not None):
+        return "--temperature and --top-p apply to a sampled reference: add --reference sample"
     return None
+
+
+def sampling_of(args):
+    """The :class:`Sampling` that ``args`` ask for (None: greedy); raises ``PolicyError`` for bad values."""
+    from momentkv.eval.sampling import Sampling
+
+    if args.reference != "sample":
+        return None
+    return Sampling(temperature=DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+                    top_p=DEFAULT_TOP_P if args.top_p is None else args.top_p, seed=args.seed)
 
 
 def _command(args) -> str:
@@ -64,10 +95,16 @@ def _command(args) -> str:
     parts = ["momentkv", "eval", "--policies", *args.policies]
     if args.budgets:
         parts += ["--budgets", *map(str, args.budgets)]
+    if args.total_budgets:
+        parts += ["--total-budgets", *map(str, args.total_budgets)]
+    if args.reference == "sample":
+        sampling = sampling_of(args)
+        parts += ["--reference", "sample", "--temperature", f"{sampling.temperature:g}", "--top-p",
+                  f"{sampling.top_p:g}"]
     for flag, value in (("--prompts", args.prompts), ("--split", args.split), ("--kind", args.kind),
                         ("--limit", args.limit), ("--new-tokens", args.new_tokens), ("--model", args.model),
-                        ("--batch-size", args.batch_size), ("--device", args.device), ("--out", args.out),
-                        ("--seed", args.seed)):
+                        ("--batch-size", args.batch_size), ("--device", args.device), ("--store", args.store),
+                        ("--out", args.out), ("--seed", args.seed)):
         if value is not None:
             parts += [flag, str(value)]
     if args.no_free_running:
@@ -79,7 +116,7 @@ def run(args) -> int:
     import torch
 
     from momentkv.errors import PolicyError
-    from momentkv.eval.configs import build_configs
+    from momentkv.eval.configs import build_configs, build_total_configs
     from momentkv.eval.prompts import encode_prompts, load_prompts
 
     problem = _check_numbers(args)
@@ -87,7 +124,10 @@ def run(args) -> int:
         return _fail(problem)
     sources = [p for p in args.policies if Path(p).stem != "full" or Path(p).is_file()]
     try:
+        sampling = sampling_of(args)
         configs = build_configs(["full.yaml", *sources], args.budgets)
+        if args.total_budgets and args.budgets is None:  # only the total budgets were asked for
+            configs = [c for c in configs if c.budget is None]
         records = load_prompts(args.prompts, split=args.split, kind=args.kind)
     except PolicyError as err:
         return _fail(str(err))
@@ -105,19 +145,39 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     encoded = encode_prompts(tokenizer, records)
+    if args.total_budgets:
+        try:
+            configs += build_total_configs(sources, args.total_budgets, [len(e) for e in encoded],
+                                           [r.id for r in records])
+        except PolicyError as err:
+            return _fail(str(err))
+        if args.batch_size != 1 and any(c.prompt_policies is not None for c in configs):
+            print("momentkv eval: prompt-intact policies at a total budget have one decode budget per prompt: "
+                  "every prompt runs alone (--batch-size 1)", file=sys.stderr)
+            args.batch_size = 1
     suppressed = models.eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     command = _command(args)
-    return _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out, command)
+    return _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out, command, sampling)
 
 
-def _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out: Path, command: str) -> int:
+def _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out: Path, command: str,
+              sampling=None) -> int:
+    from tqdm.auto import tqdm
+
     from momentkv.eval.report import write_outputs
     from momentkv.eval.runner import run_eval
+    from momentkv.eval.store import SavedEvaluation
 
+    store = None
+    if args.store:
+        store = SavedEvaluation.under(args.store, args.model, args.new_tokens, sampling, records, encoded,
+                                      suppressed, args.batch_size)
+        print(f"momentkv eval: reference and passes saved in {store.folder}", file=sys.stderr)
     results = run_eval(model, encoded, records, configs, args.new_tokens, suppressed, pad_id,
                        batch_size=args.batch_size, seed=args.seed, free_run=not args.no_free_running,
-                       progress=not args.no_progress, model_name=args.model)
+                       progress=not args.no_progress, model_name=args.model, sampling=sampling, store=store,
+                       log=lambda line: tqdm.write(line, file=sys.stderr))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

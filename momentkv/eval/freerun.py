@@ -1,4 +1,8 @@
-"""Free-running greedy decoding under a policy, compared token by token with the reference output."""
+"""Free-running decoding under a policy, compared token by token with the reference output.
+
+Tokens are chosen as the reference chose them: greedily, or sampled from the same per-prompt streams of
+uniform numbers (see :mod:`momentkv.eval.sampling`), so the first divergent step is the policy's doing.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ import torch
 import momentkv
 from momentkv.eval.batches import Batch
 from momentkv.eval.reference import Reference
-from momentkv.eval.stepping import run_steps, suppress
+from momentkv.eval.stepping import run_steps
 
 
 @dataclass
 class FreeRun:
-    tokens: torch.Tensor  # (prompts, steps) long, the policy's own greedy output
+    tokens: torch.Tensor  # (prompts, steps) long, the policy's own output (chosen as the reference's were)
     first_divergence: torch.Tensor  # (prompts,) long, first step that differs from the reference (steps: none)
     equal_fraction: torch.Tensor  # (prompts,) float64, share of steps whose token equals the reference's
 
@@ -35,11 +39,13 @@ def free_run_of(tokens: torch.Tensor, reference_tokens: torch.Tensor) -> FreeRun
 
 
 def free_running(model, policy, batches: list[Batch], reference: Reference, progress=None) -> FreeRun:
-    """Greedy generation of as many tokens as the reference, under ``policy``."""
+    """Generation of as many tokens as the reference, under ``policy`` (anything ``momentkv.patch`` takes, or
+    a function of a :class:`Batch` returning one: a policy per prompt)."""
     prompts, steps = reference.tokens.shape
     tokens = torch.zeros((prompts, steps), dtype=torch.long)
-    with momentkv.patched(model, policy) as handle:
-        for batch in batches:
+    chooser = reference.chooser()
+    for batch in batches:
+        with momentkv.patched(model, policy(batch) if callable(policy) else policy) as handle:
             rows = torch.tensor(batch.rows)
             chosen = {}
 
@@ -48,7 +54,7 @@ def free_running(model, policy, batches: list[Batch], reference: Reference, prog
 
             for step, logits, _ in run_steps(model, handle.new_cache(), batch.input_ids, batch.attention_mask,
                                              steps, pick):
-                chosen[step] = suppress(logits, reference.suppressed).argmax(-1)
+                chosen[step] = chooser.choose(step, logits, batch.rows)
                 tokens[rows, step] = chosen[step].cpu()
                 if progress is not None:
                     progress.update(len(batch.rows))

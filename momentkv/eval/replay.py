@@ -1,8 +1,9 @@
 """Teacher-forced replay: the reference tokens forced through the model under a policy, one forward per token.
 
 Per step and prompt: KL(full || policy) of the next-token distributions, top-1 agreement (the policy's
-argmax, end-of-sequence suppressed as in the reference, equals the reference token) and the reference
-token's negative log-likelihood under the policy.
+argmax equals the full cache's, end-of-sequence suppressed in both as in the reference) and the reference
+token's negative log-likelihood under the policy. After each batch the cache's stored slots are read and
+checked against the policy's budget (:mod:`momentkv.eval.memory`).
 """
 
 from __future__ import annotations
@@ -13,39 +14,38 @@ import torch
 
 import momentkv
 from momentkv.eval.batches import Batch
+from momentkv.eval.memory import check_stored
+from momentkv.eval.metrics import step_metrics
 from momentkv.eval.reference import Reference
-from momentkv.eval.stepping import run_steps, suppress
+from momentkv.eval.stepping import run_steps
 
 
 @dataclass
 class StepMetrics:
     kl: torch.Tensor  # (prompts, steps) float64, KL(full || policy) in nats
-    agree: torch.Tensor  # (prompts, steps) bool, policy's argmax == reference token
+    agree: torch.Tensor  # (prompts, steps) bool, policy's argmax == the full cache's argmax
     nll: torch.Tensor  # (prompts, steps) float64, -log p_policy(reference token)
     active_from: torch.Tensor  # (prompts,) long, first step whose logits saw an eviction (steps: never)
     kv_bytes: int  # stored keys and values after the last step, summed over batches
     stored: int  # stored tokens over layers after the last step, summed over batches
+    slots: torch.Tensor | None = None  # (prompts,) float64, slots per layer after the last step (mean over layers)
+    generated_slots: torch.Tensor | None = None  # (prompts,) float64, of which generated tokens
 
 
-def step_metrics(ref_logprobs: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, suppressed: list[int]):
-    """KL, agreement and NLL for one step: ``ref_logprobs`` ``(b, V)``, ``logits`` ``(b, V)``, ``ref_tokens`` ``(b,)``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, : ref_logprobs.shape[-1]]
-    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)  # (b,)
-    agree = suppress(logits, suppressed).argmax(-1) == ref_tokens
-    nll = -logp.gather(-1, ref_tokens.view(-1, 1)).squeeze(-1)
-    return kl, agree, nll
-
-
-def teacher_forced(model, policy, batches: list[Batch], reference: Reference, progress=None) -> StepMetrics:
-    """Replay ``reference`` under ``policy`` (anything ``momentkv.patch`` takes)."""
+def teacher_forced(model, policy, batches: list[Batch], reference: Reference, progress=None,
+                   label: str = "policy") -> StepMetrics:
+    """Replay ``reference`` under ``policy`` (anything ``momentkv.patch`` takes, or a function of a
+    :class:`Batch` returning one: a policy per prompt)."""
     prompts, steps = reference.tokens.shape
     kl = torch.zeros((prompts, steps), dtype=torch.float64)
     agree = torch.zeros((prompts, steps), dtype=torch.bool)
     nll = torch.zeros((prompts, steps), dtype=torch.float64)
     active_from = torch.full((prompts,), steps, dtype=torch.long)
+    slots = torch.zeros(prompts, dtype=torch.float64)
+    generated_slots = torch.zeros(prompts, dtype=torch.float64)
     kv_bytes = stored = 0
-    with momentkv.patched(model, policy) as handle:
-        for batch in batches:
+    for batch in batches:
+        with momentkv.patched(model, policy(batch) if callable(policy) else policy) as handle:
             rows = torch.tensor(batch.rows)
             ref_tokens = reference.tokens[rows].to(batch.input_ids.device)  # (b, steps)
             cache = handle.new_cache()
@@ -59,6 +59,9 @@ def teacher_forced(model, policy, batches: list[Batch], reference: Reference, pr
                 if progress is not None:
                     progress.update(len(batch.rows))
             stats = cache.stats()
+            held = check_stored(stats, handle.policy, label)
+            slots[rows], generated_slots[rows] = held.slots, held.generated
             kv_bytes += stats["kv_bytes"]
             stored += stats["stored"]
-    return StepMetrics(kl=kl, agree=agree, nll=nll, active_from=active_from, kv_bytes=kv_bytes, stored=stored)
+    return StepMetrics(kl=kl, agree=agree, nll=nll, active_from=active_from, kv_bytes=kv_bytes, stored=stored,
+                       slots=slots, generated_slots=generated_slots)
