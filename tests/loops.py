@@ -19,14 +19,17 @@ def token_stream(batch: int, steps: int, seed: int = 0, vocab: int = 128) -> tor
 
 
 @torch.no_grad()
-def physical_run(model, policy, inputs, steps: int, seed: int = 0, on_step=None):
+def physical_run(model, policy, inputs, steps: int, seed: int = 0, on_step=None, tell_length: bool = False):
     """Feed the prompt then ``steps`` tokens through a patched model; return logits ``(steps + 1, batch, vocab)``.
 
-    ``on_step(step, cache)`` is called after each forward.
+    ``on_step(step, cache)`` is called after each forward. ``tell_length``: tell the cache the prompt length
+    and the number of steps, as ``generate`` does.
     """
     handle = momentkv.patch(model, policy)
     try:
         cache = handle.new_cache()
+        if tell_length:
+            cache.expect(inputs["input_ids"].shape[1], steps)
         mask = inputs["attention_mask"]
         out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions_for(mask),
                     cache=cache, use_cache=True)

@@ -24,7 +24,7 @@ def test_fused_path_matches_the_cpu_masking_oracle(family, monkeypatch):
     physical, cache = physical_run(tiny_model(family).cuda(), POLICY, cuda_inputs, steps=14)
     oracle = oracle_run(tiny_model(family, "eager"), POLICY, inputs, steps=14)
     assert calls, "the fused kernel was not used"
-    assert all(t.device.type == "cuda" for layer in cache.layers for t in [layer.keys, layer.positions, *layer.states])
+    assert all(t.device.type == "cuda" for layer in cache.layers for t in [layer.keys, layer.positions, *layer.scoring.states])
     torch.testing.assert_close(physical.cpu(), oracle, rtol=0, atol=2e-4)
 
 
@@ -40,7 +40,7 @@ def test_half_precision_generation_on_cuda(dtype):
     assert all(torch.isfinite(step).all() for step in out.logits)
     for layer in cache.layers:
         assert layer.stored == 6 + 5
-        assert layer.scores.dtype == torch.float32 and torch.isfinite(layer.scores).all()
+        assert layer.scoring.step_total.dtype == torch.float32 and torch.isfinite(layer.scoring.step_total).all()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests above cover it")

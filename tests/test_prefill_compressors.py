@@ -20,14 +20,14 @@ def run(model, inputs, policy, new_tokens=2):
 
 
 def prompt_positions(layer) -> torch.Tensor:
-    return layer.positions[..., : layer.prompt_slots]
+    return layer.positions[..., : layer.context_slots]
 
 
 def test_streamingllm_keeps_first_real_tokens_and_the_newest():
     inputs = prompts(batch=3, length=20, seed=5)  # rows padded by 0, 2, 4 tokens
     _, cache = run(tiny_model("qwen3"), inputs, {"prefill": {"type": "streamingllm", "capacity": 9, "sinks": 3}})
     for layer in cache.layers:
-        assert layer.prompt_slots == 9
+        assert layer.context_slots == 9
         for row, pad in enumerate([0, 2, 4]):
             expected = list(range(pad, pad + 3)) + list(range(14, 20))
             for head in range(2):
@@ -42,7 +42,7 @@ def test_knorm_keeps_the_smallest_key_norms():
     _, cache = run(model, inputs, {"prefill": {"type": "knorm", "capacity": 0.5}})
     real = inputs["attention_mask"].bool()
     for idx, layer in enumerate(cache.layers):
-        assert layer.prompt_slots == 12  # half of 24
+        assert layer.context_slots == 12  # half of 24
         norms = full.layers[idx].keys.float().norm(dim=-1).masked_fill(~real[:, None], float("inf"))
         expected = norms.topk(12, dim=-1, largest=False).indices.sort(dim=-1).values
         assert torch.equal(prompt_positions(layer), expected)
@@ -52,7 +52,7 @@ def test_pyramid_capacities_fall_from_bottom_to_top():
     model = tiny_model("llama", layers=4)
     inputs = prompts(batch=1, length=64, seed=7)
     _, cache = run(model, inputs, {"prefill": {"type": "pyramidkv", "capacity": 24, "window": 4, "beta": 4}})
-    caps = [layer.prompt_slots for layer in cache.layers]
+    caps = [layer.context_slots for layer in cache.layers]
     assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1]
     assert abs(sum(caps) / 4 - 24) <= 0.5  # the average capacity is the one asked for
     assert caps[-1] == 4 + 20 // 4  # the top layer keeps (capacity - window) / beta beyond the window
@@ -75,7 +75,7 @@ def test_pyramid_explicit_schedule_per_layer():
     assert [s["stored"] for s in stats] == [34, 24, 16, 13]
     # Two points are interpolated linearly across the layers.
     _, cache = run(model, inputs, {"prefill": {"type": "pyramidkv", "schedule": [30, 9], "window": 4}})
-    assert [layer.prompt_slots for layer in cache.layers] == [30, 23, 16, 9]
+    assert [layer.context_slots for layer in cache.layers] == [30, 23, 16, 9]
 
 
 def test_pyramid_rejects_capacity_and_schedule_together():
@@ -118,4 +118,4 @@ def test_ratio_capacity_follows_the_prompt_length():
     for length, expected in [(40, 10), (21, 5)]:
         _, cache = run(model, prompts(batch=1, length=length), {"prefill": {"type": "snapkv", "capacity": 0.25,
                                                                             "window": 4}})
-        assert [layer.prompt_slots for layer in cache.layers] == [expected, expected]
+        assert [layer.context_slots for layer in cache.layers] == [expected, expected]

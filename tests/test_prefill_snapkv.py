@@ -41,8 +41,8 @@ def kept_prompt_positions(family: str, inputs: dict, policy: dict, attn: str = "
     handle = momentkv.patch(model, policy)
     model.generate(**inputs, max_new_tokens=2, do_sample=False)  # the 2nd step compresses the prompt
     layers = handle.last_cache.layers
-    kept = [layer.positions[..., : layer.prompt_slots].clone() for layer in layers]
-    valid = [None if layer.valid is None else layer.valid[..., : layer.prompt_slots].clone() for layer in layers]
+    kept = [layer.positions[..., : layer.context_slots].clone() for layer in layers]
+    valid = [None if layer.valid is None else layer.valid[..., : layer.context_slots].clone() for layer in layers]
     handle.remove()
     return kept, valid
 

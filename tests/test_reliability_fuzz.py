@@ -63,7 +63,7 @@ def _check_cache(cache, prompt_len: int) -> None:
             assert held <= budget + layer.plan.cadence - 1
             if layer.plan.scope == "decode":
                 assert layer.stored <= prompt_len + budget + layer.plan.cadence - 1
-        for tensor in (layer.scores, *layer.states):
+        for tensor in (layer.scoring.step_total, *layer.scoring.states):
             if tensor is not None:
                 assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
         assert torch.isfinite(layer.keys.float()).all()

@@ -32,7 +32,7 @@ def _rss_bytes() -> int:
 
 def _shapes(layer) -> tuple:
     return (tuple(layer.keys.shape), tuple(layer.values.shape), tuple(layer.positions.shape),
-            tuple(layer.scores.shape), tuple(tuple(s.shape) for s in layer.states), layer.valid is None)
+            tuple(layer.scoring.step_total.shape), tuple(tuple(s.shape) for s in layer.scoring.states), layer.valid is None)
 
 
 @pytest.mark.slow
@@ -68,7 +68,7 @@ def test_twenty_thousand_steps_hold_budget_and_memory_flat():
                 # No per-step state grows, and eviction writes in place: the same storage every step.
                 assert (_shapes(layer), layer.keys.data_ptr(), layer.values.data_ptr(),
                         layer.positions.data_ptr()) == steady
-                assert torch.isfinite(layer.scores).all()
+                assert torch.isfinite(layer.scoring.step_total).all()
         del out
         gc.collect()
         rss_growth = _rss_bytes() - rss_start

@@ -18,8 +18,8 @@ SMALL = {"decode": {"budget": 4, "sinks": 1, "recent": 1,
 def _check_layers(cache, model_dtype, prompt_len: int, budget: int, steps: int) -> None:
     for layer in cache.layers:
         assert layer.keys.dtype == layer.values.dtype == model_dtype
-        assert layer.scores.dtype == torch.float32 and all(s.dtype == torch.float32 for s in layer.states)
-        for tensor in (layer.scores, *layer.states):
+        assert layer.scoring.step_total.dtype == torch.float32 and all(s.dtype == torch.float32 for s in layer.scoring.states)
+        for tensor in (layer.scoring.step_total, *layer.scoring.states):
             assert torch.isfinite(tensor).all()
         assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
         assert layer.stored == prompt_len + min(budget, steps - 1)  # the last generated token is never fed
@@ -75,7 +75,7 @@ def test_fully_padded_row(attn, dtype):
             assert layer.valid is not None
             assert not layer.valid[1][layer.positions[1] < 5].any()  # the padded row's prompt slots are invalid
             assert layer.valid[0].all()
-            for tensor in (layer.scores, *layer.states):
+            for tensor in (layer.scoring.step_total, *layer.scoring.states):
                 assert torch.isfinite(tensor).all()
         if policy["decode"].get("scope") == "all":  # invalid slots go first: the padded row keeps no prompt token
             for layer in cache.layers:

@@ -19,8 +19,18 @@ class EvictingCache(Cache):
     def __init__(self, plans: list[LayerPlan], policy_name: str = "custom", prompt_length: int | None = None):
         super().__init__(layers=[EvictingLayer(plan) for plan in plans])
         self.policy_name = policy_name
+        if prompt_length is not None:
+            self.expect(prompt_length)
+
+    def expect(self, context_length: int, max_new_tokens: int | None = None) -> None:
+        """What the next ``generate`` call will feed: the first ``context_length`` tokens are context (kept
+        whole, however they are chunked), then at most ``max_new_tokens`` generated ones.
+
+        A layer whose budget those tokens can never exceed skips scoring for this call: nothing would be
+        evicted, and the attention runs exactly as in the unpatched model (bit-identical output).
+        """
         for layer in self.layers:
-            layer.expected_prompt = prompt_length
+            layer.expect(context_length, max_new_tokens)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].stored if layer_idx < len(self.layers) else 0

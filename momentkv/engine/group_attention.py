@@ -1,8 +1,11 @@
-"""The attention each cached token receives, per KV head, averaged over its query group, without repeat_kv.
+"""Grouped-query attention without ``repeat_kv``: the one place momentkv computes softmax attention itself.
 
 Grouped-query attention shares one KV head among ``groups = heads / kv_heads`` query heads. Reshaping the
 queries to ``(batch, kv_heads, groups * q, head_dim)`` lets one matmul against the un-expanded keys
-``(batch, kv_heads, S, head_dim)`` produce every query head's logits.
+``(batch, kv_heads, S, head_dim)`` produce every query head's logits. Everything that needs attention
+probabilities uses :func:`grouped_probs`: the decode step's output and scores (:func:`attend`), the scores
+alone (:func:`group_attention`), the attention of a window of queries (prefill compressors, windowed scorers)
+and the kernels' torch reference.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import torch
 
 
-def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> torch.Tensor:
-    """Logits ``(batch, kv_heads, groups, q, S)`` float32 with the attention mask applied."""
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scaled logits ``(batch, kv_heads, groups, q, S)`` float32 of ``query`` ``(b, heads, q, d)`` against ``key``."""
     b, h, q, d = query.shape
     kv = key.shape[1]
     groups = h // kv
@@ -22,20 +25,36 @@ def _masked_logits(query: torch.Tensor, key: torch.Tensor, mask, scaling: float)
         logits = torch.matmul(grouped * scaling, key.transpose(-1, -2)).to(torch.float32)
     else:
         logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32).mul_(scaling)
-    logits = logits.view(b, kv, groups, q, key.shape[2])
-    if mask is not None:
-        m = mask[..., -q:, :]  # (b or 1, 1 or heads, q, S)
-        m = m.reshape(m.shape[0], kv, groups, q, m.shape[-1]) if m.shape[1] == h else m.unsqueeze(1)
-        if m.dtype == torch.bool:
-            logits = logits.masked_fill(~m, float("-inf"))
-        else:
-            logits = logits + m.to(torch.float32)
-    return logits
+    return logits.view(b, kv, groups, q, key.shape[2])
 
 
-def _softmax(logits: torch.Tensor, rows_may_be_empty: bool = True) -> torch.Tensor:
-    """Softmax over the last axis. A row masked everywhere gives zeros when ``rows_may_be_empty``; a decode
-    query always sees itself, so it takes ``torch.softmax`` (one kernel: the fastest on a quiet CPU)."""
+def _apply_mask(logits: torch.Tensor, mask) -> torch.Tensor:
+    """Mask ``logits`` ``(b, kv, g, q, S)`` with a model mask ``(b or 1, 1 or heads, >= q, S)``: bool (True =
+    attend) or additive float; its last ``q`` query rows are used."""
+    if mask is None:
+        return logits
+    b, kv, g, q, s = logits.shape
+    m = mask[..., -q:, :]
+    m = m.reshape(m.shape[0], kv, g, q, s) if m.shape[1] == kv * g and kv * g > 1 else m.unsqueeze(1)
+    if m.dtype == torch.bool:
+        return logits.masked_fill_(~m, float("-inf"))
+    return logits.add_(m.to(torch.float32))
+
+
+def grouped_probs(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+                  rows_may_be_empty: bool = False) -> torch.Tensor:
+    """Softmax attention ``(batch, kv_heads, groups, q, S)`` float32 of every query head.
+
+    Args:
+        query: ``(batch, heads, q, head_dim)``.
+        key: ``(batch, kv_heads, S, head_dim)``.
+        mask: ``None``, a bool mask (True = attend) or an additive float mask shaped
+            ``(batch or 1, 1 or heads, >= q, S)``.
+        scaling: the softmax scale.
+        rows_may_be_empty: True where a query may see no key at all (a padding query): its row is zeros, not
+            NaN. A decode query always sees itself, and takes the single-kernel ``torch.softmax``.
+    """
+    logits = _apply_mask(grouped_logits(query, key, scaling), mask)
     if not rows_may_be_empty:
         return torch.softmax(logits, dim=-1)
     peak = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
@@ -43,28 +62,33 @@ def _softmax(logits: torch.Tensor, rows_may_be_empty: bool = True) -> torch.Tens
     return weights.div_(weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny))
 
 
-def _group_mean(probs: torch.Tensor) -> torch.Tensor:
-    """Average over the query-group axis (2) as a sum and a scale: ``mean`` over a middle axis is several
-    times slower than ``sum`` on these small tensors."""
+def group_mean(probs: torch.Tensor) -> torch.Tensor:
+    """``(b, kv, g, S)`` -> ``(b, kv, S)``: the mean over each KV head's query group, as a sum and a scale
+    (``mean`` over a middle axis is several times slower than ``sum`` on these small tensors)."""
     return probs.sum(dim=2).mul_(1.0 / probs.shape[2])
 
 
 def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
                     rows_may_be_empty: bool = False) -> torch.Tensor:
-    """Softmax attention of the last query, averaged over each GQA group.
+    """Softmax attention of the last query, averaged over each GQA group: ``(batch, kv_heads, S)`` float32.
 
-    Args:
-        query: ``(batch, heads, 1, head_dim)``.
-        key: ``(batch, kv_heads, S, head_dim)``.
-        mask: ``None``, a bool mask (True = attend) or an additive float mask, shaped
-            ``(batch, 1 or heads, >= 1, S)``; its last query row is used.
-        scaling: the softmax scale (``head_dim ** -0.5`` for these families).
-        rows_may_be_empty: True where the query may see no key at all (the last prompt query of a row that is
-            padding from end to end): such rows give zeros, not NaN. A decode query always sees itself.
-
-    Returns:
-        ``(batch, kv_heads, S)`` float32; each row sums to 1 over the unmasked keys.
+    ``query`` ``(batch, heads, >= 1, head_dim)``; see :func:`grouped_probs` for the other arguments. Each row
+    sums to 1 over the unmasked keys.
     """
-    logits = _masked_logits(query, key, mask, scaling)  # (b, kv, g, 1, S)
-    probs = _softmax(logits, rows_may_be_empty=rows_may_be_empty)
-    return _group_mean(probs).squeeze(2)
+    return group_mean(grouped_probs(query[:, :, -1:], key, mask, scaling, rows_may_be_empty)[:, :, :, 0])
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float,
+           rows_may_be_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and probabilities in one pass over the keys.
+
+    Returns ``out`` ``(batch, q, heads, head_dim)`` in ``value``'s dtype (the layout the attention modules
+    expect) and ``probs`` ``(batch, kv_heads, groups, q, S)`` float32. The output is ``probs @ V`` per KV
+    group, accumulated in float32: within float tolerance of SDPA, not bit-identical to it.
+    """
+    probs = grouped_probs(query, key, mask, scaling, rows_may_be_empty)  # (b, kv, g, q, S)
+    b, kv, g, q, s = probs.shape
+    v = value if value.dtype == torch.float32 else value.to(torch.float32)
+    out = torch.matmul(probs.view(b, kv, g * q, s), v)  # (b, kv, g*q, d)
+    out = out.view(b, kv * g, q, -1).transpose(1, 2)  # (b, q, heads, d); head = kv_idx * g + group_idx
+    return out.to(value.dtype), probs

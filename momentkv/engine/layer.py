@@ -1,20 +1,17 @@
-"""The evicting cache layer: the prompt's keys and values kept, the generated tokens held to a budget.
+"""The evicting cache layer: context kept whole, generated tokens held to a budget.
 
-Storage per layer, ``S`` slots per (batch row, KV head); every head holds the same number of slots, so the
-tensors stay rectangular while each head keeps its own tokens:
+One coordinator over parts with one job each: :mod:`~momentkv.engine.slots` (storage),
+:mod:`~momentkv.engine.scores` (scorer states), :mod:`~momentkv.engine.ranking` (protections and victims),
+:mod:`~momentkv.engine.masks` (the mask to attend with), :mod:`~momentkv.engine.context` (prefill compression).
 
-- ``keys``, ``values``: ``(batch, kv_heads, S, head_dim)``. Slots ``[0, prompt_slots)`` hold the prompt and
-  never move (unless a prefill compressor or ``scope: all`` says otherwise); the generated tokens follow.
-- ``positions``: ``(batch, kv_heads, S)`` int64, the sequence index of the token in each slot (the number of
-  tokens fed before it). Eviction reorders slots; positions keep masks, ages and sliding windows exact.
-- ``valid``: ``(batch, kv_heads, S)`` bool, False at padding; ``None`` while there is none.
-- ``scores`` and one float32 ``state`` per scorer: ``(batch, kv_heads, T)`` over the evictable slots.
+With ``scope: decode`` the slots are ``[context | generated]``: context (the prompt and any later multi-token
+chunk, such as a new user turn) fills the leading slots and is never evicted at decode time; generated tokens
+(fed one at a time) follow and are evictable. With ``scope: all`` every slot is evictable.
 
-Per step, data flows one way: ``update`` (called by the attention module through the cache) evicts the
-lowest-scoring evictable token of each head when the budget is full and writes the new token into the freed
-slot (no reallocation); the attention function then computes the output and hands the attention of the
-current query to ``observe``, which updates the scorers. The token written at a step is therefore never the
-one evicted at that step: the newest token is always protected.
+Per decode step, data flows one way: ``update`` (called by the attention module through the cache) ranks
+the evictable slots when the budget is full and writes the new token into the lowest-ranked slot of each
+head (no reallocation); the attention function computes the output and hands this step's attention to
+``observe``, which updates the scorers. The token written at a step is never the one evicted at that step.
 """
 
 from __future__ import annotations
@@ -22,23 +19,14 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from momentkv.engine import masks, ranking
+from momentkv.engine.context import context_keep
 from momentkv.engine.group_attention import group_attention
 from momentkv.engine.plan import LayerPlan
+from momentkv.engine.query_window import QueryWindow
+from momentkv.engine.scores import LayerScoring, ScoreInputs
+from momentkv.engine.slots import Slots
 from momentkv.errors import PolicyError
-from momentkv.prefill.base import PrefillContext
-from momentkv.prefill.window import prompt_window_attention
-from momentkv.scoring.base import ScoreContext
-from momentkv.scoring.normalize import normalize_scores
-
-
-def _mask_last_row_valid(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-    """Key validity ``(batch, length)`` read off the last query row of a 4D mask; ``None`` if all valid."""
-    if mask is None:
-        return None
-    row = mask[:, 0, -1, -length:]
-    valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    valid = valid.expand(batch, length)
-    return None if bool(valid.all()) else valid
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -48,35 +36,42 @@ class EvictingLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, plan: LayerPlan):
+        self.slots = Slots()
         super().__init__()
         self.plan = plan
         self.is_sliding = plan.sliding_window is not None
+        self.scoring = LayerScoring(plan.scorers if plan.budget is not None else ())
+        self.window = QueryWindow(max(plan.prefill.window_size(), self.scoring.query_window))
+        self.rules = ranking.Protections(plan.sinks, plan.recent, plan.sliding_window, plan.scope == "all",
+                                         plan.granularity == "layer")
+        self.active = plan.budget is not None  # False: this cache will never reach the budget (see cache.py)
         self.seen = 0  # tokens fed through this layer
-        self.prompt_tokens = 0  # tokens in the prompt (sequence index of the first generated token)
-        self.prompt_slots = 0  # slots holding prompt tokens
-        self.in_prefill = True
-        self.identity = True  # slot j holds token j in every head: transformers' own mask is exact
-        self.compressed = False  # the prompt lost tokens (prefill compressor or scope: all)
-        self._positions: torch.Tensor | None = None  # None while slot j holds token j (see `positions`)
-        self.valid: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.states: list[torch.Tensor] = []
+        self.prompt_tokens = 0  # length of the first prompt
+        self.context_slots = 0  # leading slots holding context (scope: decode)
+        self.context_end: int | None = None  # tokens before this index are context, when the caller knows
+        self.in_context = True  # the last tokens fed were context
+        self.generated = 0  # tokens fed one at a time
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
-        self.timer = None  # a momentkv.bench.timing.StepTimes while benchmarking
-        self.expected_prompt: int | None = None  # prompt length, when the caller knows it
-        self._scores_pending = False  # a decode token was written and its step's attention not yet folded in
-        self._window_queries: torch.Tensor | None = None  # (b, heads, <= window, d): the last prompt queries
-        self._scaling = 1.0
-        self._last_attention: torch.Tensor | None = None  # (b, h, prompt) for scope: all
-        self._prompt_keep: torch.Tensor | None = None  # slots the prefill compressor kept
+        self._chunk: tuple[int, int] | None = None  # (first slot, length) of a chunk whose padding is unknown
+        self._last_attention: torch.Tensor | None = None  # last context query's attention (scope: all)
+        self._scores_pending = False  # a token was written and its step's attention not yet folded in
+
+    keys = property(lambda self: self.slots.keys, lambda self, v: setattr(self.slots, "keys", v))
+    values = property(lambda self: self.slots.values, lambda self, v: setattr(self.slots, "values", v))
+    positions = property(lambda self: self.slots.positions)
+    valid = property(lambda self: self.slots.valid)
+    stored = property(lambda self: self.slots.stored)
+    scores = property(lambda self: self.scoring.step_total, doc="The every-step scorers' score of the last step.")
+
+    @property
+    def first_evictable(self) -> int:
+        return 0 if self.plan.scope == "all" else self.context_slots
 
     # ----------------------------------------------------------------- transformers' layer interface
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        b, h, _, d = key_states.shape
-        self.keys = key_states.new_empty((b, h, 0, d))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.slots.start(key_states, value_states)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
@@ -90,34 +85,35 @@ class EvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.in_prefill and self._prompt_continues(q):
-            self._append(key_states, value_states)
-            self.prompt_tokens = self.prompt_slots = self.seen
-            return self.keys, self.values
-        if self.in_prefill:
-            self._finish_prefill()
-        elif self._scores_pending:
-            raise PolicyError(
-                f"layer {self.plan.layer_idx}: the attention of the last step never reached this cache, so its "
-                "scores would go stale; use the cache with a model patched by momentkv.patch() (its attention "
-                "function reports to the cache) on transformers >= 5.24"
-            )
-        self._insert_decode(key_states, value_states)
-        self._scores_pending = self.plan.budget is not None
-        return self.keys, self.values
+        if self._is_context(q):
+            self._receive_context(key_states, value_states)
+        else:
+            if self.in_context:
+                self._finish_context()
+            elif self._scores_pending:
+                raise PolicyError(
+                    f"layer {self.plan.layer_idx}: the attention of the last step never reached this cache, so its "
+                    "scores would go stale; use the cache with a model patched by momentkv.patch() (its attention "
+                    "function reports to the cache) on transformers >= 5.24"
+                )
+            self._receive_generated(key_states, value_states)
+        self.peak_slots = max(self.peak_slots, self.stored)
+        return self.slots.keys, self.slots.values
 
-    def _prompt_continues(self, q: int) -> bool:
-        """Whether ``q`` incoming tokens still belong to the prompt.
+    def expect(self, context_end: int, max_new_tokens: int | None = None) -> None:
+        """Tokens before ``context_end`` are context; at most ``max_new_tokens`` follow (see ``EvictingCache``)."""
+        self.context_end = context_end
+        if self.plan.budget is None or max_new_tokens is None:
+            self.active = self.plan.budget is not None
+            return
+        later_context = max(context_end - self.seen, 0) if self.plan.scope == "all" else 0
+        held = self.stored - self.first_evictable + later_context + max_new_tokens
+        reached = held > self.plan.budget_at(self.generated + max_new_tokens)
+        self.active = reached or (self.active and self.generated > 0)  # scoring, once begun, never stops
 
-        With the prompt length known (``generate`` tells the cache), exactly that many tokens are the
-        prompt, however they are chunked; otherwise every multi-token call before the first single-token
-        call is prompt.
-        """
-        if self.seen == 0:
-            return True
-        if self.expected_prompt is not None:
-            return self.seen < self.expected_prompt
-        return q > 1
+    def _is_context(self, q: int) -> bool:
+        """Multi-token chunks are context; so is every token before ``context_end`` when the caller set it."""
+        return self.seen == 0 or q > 1 or (self.context_end is not None and self.seen < self.context_end)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.stored + query_length, 0
@@ -130,7 +126,9 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        context_end, active = self.context_end, self.active
         self.__init__(self.plan)
+        self.context_end, self.active = context_end, active
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -144,314 +142,183 @@ class EvictingLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting cache cannot be cropped: evicted tokens cannot be restored")
 
-    # ----------------------------------------------------------------- sizes and budget
-    @property
-    def positions(self) -> torch.Tensor | None:
-        """``(batch, kv_heads, S)`` int64: the sequence index of the token in each slot.
-
-        Stored only once eviction or compression has moved tokens; until then slot j holds token j and this
-        returns a broadcast ``arange`` (no per-step bookkeeping while the cache only grows).
-        """
-        if self._positions is None and self.keys is not None:
-            b, h, s, _ = self.keys.shape
-            return torch.arange(s, device=self.keys.device).expand(b, h, s)
-        return self._positions
-
-    @positions.setter
-    def positions(self, value: torch.Tensor | None) -> None:
-        self._positions = value
-
-    def _materialize_positions(self) -> torch.Tensor:
-        if self._positions is None:
-            self._positions = self.positions.contiguous()
-        return self._positions
-
-    @property
-    def stored(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
-
-    @property
-    def first_evictable(self) -> int:
-        return 0 if self.plan.scope == "all" else self.prompt_slots
-
-    @property
-    def generated(self) -> int:
-        return self.seen - self.prompt_tokens
-
-    def _budget(self, incoming: int) -> int | None:
-        """Evictable tokens this layer may hold once ``incoming`` more are written."""
-        return self.plan.budget_at(self.generated + incoming)
-
-    # ----------------------------------------------------------------- writing tokens
-    def _per_slot_tensors(self) -> list[str]:
-        names = ["keys", "values"]
-        if self._positions is not None:  # while None, positions follow the keys' shape (see `positions`)
-            names.append("positions")
-        return names + (["valid"] if self.valid is not None else [])
-
-    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, q, _ = key_states.shape
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        if self._positions is not None:  # slots no longer in sequence order: record where the new ones sit
-            new_pos = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
-            self._positions = torch.cat([self._positions, new_pos], dim=-1)
-        if self.valid is not None:
-            self.valid = torch.cat([self.valid, self.valid.new_ones((b, h, q))], dim=-1)
-        if self.scores is not None:  # scoring has started (after the prompt)
-            zeros = torch.zeros((b, h, q), dtype=torch.float32, device=self.device)
-            self.scores = torch.cat([self.scores, zeros], dim=-1)
-            self.states = [torch.cat([s, zeros], dim=-1) for s in self.states]
-        self.seen += q
-        self.peak_slots = max(self.peak_slots, self.stored)
-
-    def _finish_prefill(self) -> None:
-        """The prompt is complete: apply the prefill compressor, then start scoring evictable slots."""
-        self.in_prefill = False
-        self._compress_prompt()
-        b, h, s = self.positions.shape
-        evictable = s - self.first_evictable
-        zeros = torch.zeros((b, h, evictable), dtype=torch.float32, device=self.device)
-        self.states = [zeros.clone() for _ in self.plan.scorers]
-        self.scores = zeros
-        if self.plan.scope == "all" and self.plan.budget is not None:
-            # Prompt tokens enter the ranking as if the last prompt query were the first scoring step: each
-            # scorer folds in the attention that query gave them (TOVA's ranking of the prompt), or its
-            # position/key score for scorers that need no attention.
-            start = self._last_attention
-            if start is not None and self._prompt_keep is not None:
-                start = start.gather(2, self._prompt_keep)
-            self.update_scores(start if self.plan.needs_attention else None)
-        self._window_queries = self._last_attention = self._prompt_keep = None
-
-    def _compress_prompt(self) -> None:
-        """Keep the prompt slots the prefill compressor selects (nothing when the prompt fits its capacity).
-
-        Runs at the first decode step, when every prompt slot is still at its own index (slot j = token j).
-        """
-        compressor = self.plan.prefill
-        capacity = compressor.layer_capacity(self.prompt_slots, self.plan.layer_idx, self.plan.num_layers)
-        if capacity is None or capacity >= self.prompt_slots:
-            return
-        b, h, _ = self.positions.shape
-        valid = self.valid[:, 0] if self.valid is not None else torch.ones(
-            (b, self.prompt_slots), dtype=torch.bool, device=self.device
-        )
-        window_attention = None
-        if self._window_queries is not None:
-            window_attention = prompt_window_attention(
-                self._window_queries, self.keys, valid, self._scaling, self.plan.sliding_window
-            )
-        ctx = PrefillContext(
-            layer_idx=self.plan.layer_idx,
-            num_layers=self.plan.num_layers,
-            keys=self.keys,
-            window_attention=window_attention,
-            valid=valid,
-        )
-        keep = compressor.select(ctx, capacity).sort(dim=-1).values  # (b, h, capacity), ascending positions
-        self._gather_slots(keep)
-        self._prompt_keep = keep
-        self.prompt_slots = capacity
-        self.compressed = True
-        self.identity = False
-
-    def _gather_slots(self, keep: torch.Tensor) -> None:
-        """Keep only the slots ``keep`` ``(batch, kv_heads, n)`` (ascending), in every per-slot tensor."""
-        self._materialize_positions()  # slots stop matching sequence indices
-        for name in self._per_slot_tensors():
-            t = getattr(self, name)
-            idx = keep if t.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
-            setattr(self, name, t.gather(2, idx))
-
-    def _insert_decode(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        q = key_states.shape[-2]
-        budget = self._budget(q)
-        first = self.first_evictable
-        held = self.stored - first
-        if budget is None or held + q <= budget:
-            self._append(key_states, value_states)
-            return
-        cadence = self.plan.cadence
-        if cadence == 1 and q == 1 and held == budget:
-            self._evict_in_place(key_states, value_states)
-            return
-        if held + q <= budget + cadence - 1:
-            self._append(key_states, value_states)
-            return
-        self._evict_and_compact(held + q - budget)
-        self._append(key_states, value_states)
-
-    def _ranking(self, incoming: int) -> torch.Tensor:
-        """Scores of the evictable slots ``(batch, kv_heads, T)`` with protected slots at +inf, dead at -inf."""
-        ranked = self.scores
-        pos = self.positions[..., self.first_evictable :]
-        protected = None
-        if self.plan.sinks:
-            protected = pos < self.prompt_tokens + self.plan.sinks
-            if self.plan.scope == "all":
-                protected = protected & (pos >= self.prompt_tokens)
-        if self.plan.recent > incoming:
-            newest = pos >= self.seen + incoming - self.plan.recent
-            protected = newest if protected is None else protected | newest
-        if protected is not None:
-            ranked = ranked.masked_fill(protected, float("inf"))
-        if self.plan.sliding_window is not None:
-            ranked = ranked.masked_fill(pos <= self.seen - self.plan.sliding_window, float("-inf"))
-        if self.valid is not None and self.first_evictable == 0:  # padding is evictable only with scope: all
-            ranked = ranked.masked_fill(~self.valid, float("-inf"))
-        if self.plan.granularity == "layer":
-            ranked = ranked.mean(dim=1, keepdim=True).expand_as(self.scores)
-        return ranked
-
-    def _evict_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Steady state: each head's lowest-ranked slot takes the new token; nothing is reallocated."""
-        victim = self._ranking(1).argmin(dim=-1, keepdim=True)  # (b, h, 1)
-        slot = victim + self.first_evictable if self.first_evictable else victim
-        self.keys.scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1]), key_states)
-        self.values.scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, value_states.shape[-1]), value_states)
-        self._materialize_positions().scatter_(2, slot, self.seen)
-        if self.valid is not None:
-            self.valid.scatter_(2, slot, True)
-        for state in self.states:
-            state.scatter_(2, victim, 0.0)
-        self.seen += 1
-        self.evicted += 1
-        self.identity = False
-        if self.plan.scope == "all" and self.first_evictable == 0:
-            self.compressed = True
-
-    def _evict_and_compact(self, count: int) -> None:
-        """Evict ``count`` lowest-ranked slots per head and close the gaps (used by cadence > 1 and q > 1)."""
-        first = self.first_evictable
-        ranked = self._ranking(0)
-        count = min(count, int((ranked != float("inf")).sum(-1).min()))  # never a protected slot
-        if count <= 0:
-            return
-        victims = ranked.topk(count, dim=-1, largest=False).indices  # (b, h, count)
-        keep_mask = torch.ones_like(ranked, dtype=torch.bool).scatter_(-1, victims, False)
-        kept = keep_mask.nonzero()[:, -1].view(*ranked.shape[:2], -1) + first  # ascending per head
-        prompt = torch.arange(first, device=self.device).expand(*ranked.shape[:2], first)
-        keep = torch.cat([prompt, kept], dim=-1)
-        self._gather_slots(keep)
-        kept_evictable = kept - first
-        self.scores = self.scores.gather(2, kept_evictable)
-        self.states = [s.gather(2, kept_evictable) for s in self.states]
-        self.evicted += count
-        self.identity = False
-        if self.plan.scope == "all":
-            self.compressed = True
-
     def _select_rows(self, pick) -> None:
-        if not self.is_initialized:
-            return
-        for name in self._per_slot_tensors():
-            setattr(self, name, pick(getattr(self, name)))
-        if self.scores is not None:
-            self.scores = pick(self.scores)
-        self.states = [pick(s) for s in self.states]
-        if self._window_queries is not None:
-            self._window_queries = pick(self._window_queries)
-        if self._last_attention is not None:
-            self._last_attention = pick(self._last_attention)
+        if self.is_initialized:
+            self.slots.select_rows(pick)
+            self.scoring.select_rows(pick)
+            self.window.select_rows(pick)
+            if self._last_attention is not None:
+                self._last_attention = pick(self._last_attention)
+
+    # ----------------------------------------------------------------- context
+    def _receive_context(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q = key_states.shape[-2]
+        at = self.stored if self.plan.scope == "all" else self.context_slots
+        self.slots.insert(at, key_states, value_states, self.seen)
+        if self.plan.scope == "all":
+            self.scoring.append(q)
+        else:
+            self.context_slots += q
+        self._chunk = (at, q)
+        self.seen += q
+        if self.generated == 0:
+            self.prompt_tokens = self.seen
+        self.in_context = True
+
+    def _finish_context(self) -> None:
+        """The chunk is complete: compress the context, then score from the next decode step on."""
+        self.in_context = False
+        region = self.context_slots if self.plan.scope == "decode" else (self.stored if self.generated == 0 else 0)
+        if region and self.plan.prefill.type != "keep":
+            keep = context_keep(self.plan.prefill, self.keys[:, :, :region], self.positions[..., :region],
+                                None if self.valid is None else self.valid[..., :region], self.window,
+                                self.plan.sliding_window, self.plan.layer_idx, self.plan.num_layers)
+            if keep is not None:
+                self._keep_context(keep, region)
+        if not self.scoring.started:
+            b, h, s = self.positions.shape
+            self.scoring.start(b, h, s - self.first_evictable, self.device)
+        if self.plan.scope == "all" and self.active:
+            # Context tokens enter the ranking as if the last context query were a decode step: each scorer
+            # folds in the attention that query gave them (TOVA's ranking of the prompt).
+            self.update_scores(self._last_attention if self.scoring.needs_step_attention else None)
+        self._last_attention = None
+
+    def _keep_context(self, keep: torch.Tensor, region: int) -> None:
+        b, h, _ = keep.shape
+        rest = torch.arange(region, self.stored, device=keep.device).expand(b, h, -1)
+        self.slots.keep(torch.cat([keep, rest], dim=-1))
+        if self.plan.scope == "all" and self.scoring.started:
+            self.scoring.keep(keep)
+        if self.plan.scope == "decode":
+            self.context_slots = keep.shape[-1]
+
+    def _drop_dead_context(self) -> None:
+        """Sliding layers: drop the context tokens no query can see again (the oldest, in every head)."""
+        c = self.context_slots
+        gone = ranking.dead(self.positions[..., :c], self.seen, self.plan.sliding_window)
+        count = int(gone.sum(-1).min()) if c else 0
+        if count:
+            b, h, _ = gone.shape
+            self.slots.keep(torch.arange(count, self.stored, device=gone.device).expand(b, h, -1))
+            self.context_slots -= count
+
+    # ----------------------------------------------------------------- generated tokens
+    def _receive_generated(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q = key_states.shape[-2]
+        if self.is_sliding and self.plan.scope == "decode":
+            self._drop_dead_context()
+        count = self._evictions_needed(q)
+        if count == 1 and q == 1:
+            slot = ranking.lowest(self._ranked(1))  # (b, h, 1): the new token takes it, in place
+            self.slots.write(slot + self.first_evictable, key_states, value_states, self.seen)
+            self.scoring.reset_slot(slot)
+            self.evicted += 1
+        else:
+            if count:
+                kept, evicted = ranking.survivors(self._ranked(q), count)
+                b, h, _ = kept.shape
+                head = torch.arange(self.first_evictable, device=kept.device).expand(b, h, -1)
+                self.slots.keep(torch.cat([head, kept + self.first_evictable], dim=-1))
+                self.scoring.keep(kept)
+                self.evicted += evicted
+            self.slots.insert(self.stored, key_states, value_states, self.seen)
+            self.scoring.append(q)
+        self.seen += q
+        self.generated += q
+        self._scores_pending = self.active
+
+    def _evictions_needed(self, q: int) -> int:
+        """Tokens each head must lose before ``q`` new ones are written: over budget, or dead (sliding)."""
+        held = self.stored - self.first_evictable
+        budget = self.plan.budget_at(self.generated + q) if self.active else None
+        count = 0
+        if budget is not None and held + q > budget and (
+            self.plan.cadence == 1 or held + q > budget + self.plan.cadence - 1
+        ):
+            count = held + q - budget
+        if self.is_sliding and held:
+            gone = ranking.dead(self.positions[..., self.first_evictable :], self.seen, self.plan.sliding_window)
+            count = max(count, int(gone.sum(-1).min()))
+        return count
+
+    def _inputs(self) -> ScoreInputs:
+        first = self.first_evictable
+        valid = self.valid
+        return ScoreInputs(
+            keys=self.keys[:, :, first:], values=self.values[:, :, first:], positions=self.positions[..., first:],
+            valid=None if valid is None else valid[..., first:], now=self.seen - 1,
+            layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers,
+            window=self._window_attention if self.window.size else None,
+        )
+
+    def _window_attention(self, last: int) -> torch.Tensor:
+        attention = self.window.attention(last, self.keys, self.positions, self.valid, self.plan.sliding_window)
+        return attention[..., self.first_evictable :]
+
+    def _ranked(self, incoming: int) -> torch.Tensor:
+        inputs = self._inputs()
+        scores = self.scoring.total(inputs)
+        return ranking.rank(scores, inputs.positions, inputs.valid, self.rules, self.prompt_tokens, self.seen,
+                            incoming)
 
     # ----------------------------------------------------------------- from the attention function
     def attention_mask(self, mask, query: torch.Tensor, key: torch.Tensor, additive: bool):
-        """The mask to attend with: transformers' own while it is exact, else one built from positions.
-
-        Transformers' mask indexes keys by slot; it stays exact for single-token decoding while the prompt
-        is intact and no sliding window is reached. Otherwise the mask is ``(batch, heads, q, S)``, built
-        from true positions, validity and the sliding window.
-        """
-        q_len, s = query.shape[2], key.shape[2]
-        window = self.plan.sliding_window
-        own = not self.identity and (
-            self.compressed
-            or q_len > 1
-            or (window is not None and self.seen > window)
-            or (mask is not None and mask.shape[-1] != s)
-        )
-        if not own:
+        """The mask to attend with (see :mod:`~momentkv.engine.masks`); learns a new chunk's padding first."""
+        q_len = query.shape[2]
+        if self._chunk is not None:
+            start, length = self._chunk
+            self._chunk = None
+            valid = masks.key_validity(mask, length)
+            if valid is not None:
+                self.slots.set_validity(start, valid)
+        if masks.transformers_mask_is_exact(mask, self.slots.in_order, q_len, key.shape[2]):
             return mask
-        groups = query.shape[1] // key.shape[1]
-        q_pos = torch.arange(self.seen - q_len, self.seen, device=key.device).view(1, 1, q_len, 1)
-        pos = self.positions.unsqueeze(2)  # (b, h, 1, S)
-        allowed = pos <= q_pos
-        if window is not None:
-            allowed = allowed & (pos > q_pos - window)
-        if self.valid is not None:
-            allowed = allowed & self.valid.unsqueeze(2)
-        if q_len == 1 and self.valid is None and (window is None or self.seen <= window) and bool(allowed.all()):
-            return None
-        allowed = allowed.repeat_interleave(groups, dim=1)
-        if not additive:
-            return allowed
-        out = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        return out.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+        return masks.positional_mask(self.positions, self.valid, self.seen, q_len, self.plan.sliding_window,
+                                     query.shape[1] // key.shape[1], additive, query.dtype)
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> None:
-        """Take this step's attention: ``query`` ``(batch, heads, q, head_dim)``, ``key`` the layer's keys."""
-        if self.in_prefill:
-            self._observe_prefill(query, key, mask, scaling)
+    def wants_step_attention(self, query: torch.Tensor) -> bool:
+        """Whether this call is a decode step whose scorers need the attention of its query."""
+        return not self.in_context and self.active and self.scoring.needs_step_attention and query.shape[2] == 1
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+                attention: torch.Tensor | None = None) -> None:
+        """Take this step: ``query`` ``(batch, heads, q, head_dim)``, ``key`` the layer's keys, and, when the
+        attention function computed it, ``attention`` ``(batch, kv_heads, S)`` of the last query."""
+        if self.window.size and (self.in_context or self.scoring.query_window):
+            self.window.push(query, self.seen - query.shape[2], scaling)
+        if self.in_context:
+            if self.plan.scope == "all" and self.active and self.scoring.needs_step_attention:
+                # A row that is padding from end to end has a last context query that sees nothing.
+                self._last_attention = group_attention(query, key, mask, scaling, rows_may_be_empty=True)
             return
-        if self.plan.budget is None:
+        if not self.active:
             return
-        attention = group_attention(query[:, :, -1:], key, mask, scaling) if self.plan.needs_attention else None
+        if attention is None and self.scoring.needs_step_attention:
+            attention = group_attention(query, key, mask, scaling)
         self.update_scores(attention)
 
     def update_scores(self, attention: torch.Tensor | None) -> None:
         """Fold one decode step into the scorers: ``attention`` ``(batch, kv_heads, S)`` over all stored slots.
 
-        Called by ``observe``; tests and ``momentkv.testing`` call it directly with synthetic attention.
+        Called by ``observe``; ``momentkv.testing`` calls it directly with synthetic attention.
         """
         self._scores_pending = False
         first = self.first_evictable
         if attention is not None and first:
             attention = attention[..., first:]
-        pos = self.positions[..., first:] if first else self.positions
-        keys = self.keys[..., first:, :] if first else self.keys
-        age = None  # computed once, by the first scorer that reads it
-        combined = None
-        for scorer, state in zip(self.plan.scorers, self.states):
-            ctx = ScoreContext(attention=attention, keys=keys, state=state, age=age, positions=pos, now=self.seen - 1)
-            out = scorer.update(ctx)
-            age = ctx._age
-            if scorer.normalize != "none":
-                out = normalize_scores(out, scorer.normalize)
-            if scorer.weight != 1.0:
-                out = out * scorer.weight
-            combined = out if combined is None else combined + out
-        self.scores = combined
-
-    def _observe_prefill(self, query, key, mask, scaling) -> None:
-        b, _, q_len, _ = query.shape
-        if self.identity:
-            valid = _mask_last_row_valid(mask, b, key.shape[2])
-            if valid is not None:
-                self.valid = valid.unsqueeze(1).expand(-1, key.shape[1], -1).contiguous()
-        window = self.plan.prefill.window_size()
-        if window:
-            # Keep the last `window` query states (a copy: a view would hold the whole prompt's queries);
-            # their attention is computed once at the end of the prompt. A chunk shorter than the window
-            # continues the window of the chunks before it.
-            recent = query[:, :, -window:]
-            if self._window_queries is not None and q_len < window:
-                recent = torch.cat([self._window_queries, recent], dim=2)[:, :, -window:]
-            self._window_queries = recent.clone()
-            self._scaling = scaling
-        if self.plan.scope == "all" and self.plan.needs_attention:
-            # A row that is padding from end to end has a last prompt query that sees nothing.
-            self._last_attention = group_attention(query[:, :, -1:], key, mask, scaling, rows_may_be_empty=True)
+        self.scoring.step(attention, self._inputs())
 
     # ----------------------------------------------------------------- reporting
     def stats(self) -> dict:
         """Stored tokens, peak, evictions and bytes of this layer (per batch row and KV head)."""
         kv_bytes = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-        prompt_stored = self.prompt_slots
-        if self.plan.scope == "all" and self.positions is not None and not self.in_prefill:
+        prompt_stored = self.context_slots
+        if self.plan.scope == "all" and self.stored and not self.in_context:
             # Decode eviction reaches the prompt: count the prompt tokens still held (the most of any head).
-            prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max()) if self.stored else 0
-        state_bytes = sum(t.nbytes for t in [self._positions, self.valid, self.scores, *self.states] if t is not None)
+            prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max())
+        elif self.plan.scope == "all":
+            prompt_stored = self.stored
         return {
             "layer": self.plan.layer_idx,
             "seen": self.seen,
@@ -462,5 +329,5 @@ class EvictingLayer(CacheLayerMixin):
             "evicted": self.evicted,
             "budget": self.plan.budget_at(self.generated),
             "kv_bytes": kv_bytes,
-            "state_bytes": state_bytes,
+            "state_bytes": self.slots.bookkeeping_bytes() + self.scoring.nbytes(),
         }

@@ -141,6 +141,11 @@ def _check_model(model):
     Checked in order: not a compiled model, a supported family, a supported attention implementation, the
     parameters' dtype, the attention modules' structure, and the model's generation config.
     """
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise PolicyError(
+            f"expected a transformers model (a torch.nn.Module with a config), got {type(model).__name__}: pass the "
+            "model returned by AutoModelForCausalLM.from_pretrained (or momentkv.models.load)"
+        )
     _check_not_compiled(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -157,12 +162,75 @@ def _check_model(model):
             f"scores with, and supports {', '.join(SUPPORTED_ATTENTION)}; load the model with "
             "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first"
         )
+    if not callable(getattr(type(model), "generate", None)):
+        raise PolicyError(
+            f"{type(model).__name__} is a base model without a language-model head (it has no generate): patch the "
+            f"causal LM that holds it (e.g. {model_type.capitalize()}ForCausalLM), whose generate() momentkv wraps"
+        )
     _check_dtype(model)
     _check_attention_modules(model, config.get_text_config(decoder=True))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         _check_generation_config(generation_config)
     return adapter, implementation
+
+
+class PatchedGenerate:
+    """The ``generate`` a patched model carries: the model's own, with a fresh evicting cache per call.
+
+    An object rather than a closure, so that ``copy.deepcopy`` of a patched model gives a copy patched with
+    the same policy on its *own* weights (a closure would keep calling the original model).
+    """
+
+    def __init__(self, handle: "Handle"):
+        self._handle = handle
+        model = handle.model
+        self._original = type(model).generate.__get__(model)
+        self._cache_kwarg = _cache_kwarg_name()
+        functools.update_wrapper(self, self._original)
+
+    def __call__(self, *args, **kwargs):
+        handle = self._handle
+        model = handle.model
+        _check_generate_kwargs(model, kwargs, args)
+        _check_dtype(model)
+        prompt_length = _prompt_length(args, kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs.get("use_cache", True) is not False and cache is None:
+            cache = kwargs[self._cache_kwarg] = handle.new_cache()
+            if prompt_length is not None:
+                cache.expect(prompt_length, _max_new_tokens(model, kwargs, prompt_length))
+        elif isinstance(cache, EvictingCache) and prompt_length is not None:
+            cache.expect(prompt_length)  # a conversation continued: everything given is context
+        return self._original(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        handle = self._handle
+        copied = memo.get(id(handle.model))
+        if copied is None:  # the generate function alone was copied: it stays the model's
+            return self
+        twin = handle._twin(copied)
+        _HANDLES[copied] = twin
+        return PatchedGenerate(twin)
+
+    def __reduce__(self):
+        raise PolicyError(
+            "a patched model cannot be pickled (its generate is momentkv's); call handle.remove() or "
+            "momentkv.unpatch(model) first, and patch again after loading"
+        )
+
+
+def _max_new_tokens(model, kwargs: dict, prompt_length: int) -> int | None:
+    """How many tokens this ``generate`` call may add (``None`` when it cannot be told)."""
+    if kwargs.get("max_new_tokens") is not None:
+        return int(kwargs["max_new_tokens"])
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    max_length = kwargs.get("max_length")
+    if max_length is None and config is not None:
+        if getattr(config, "max_new_tokens", None) is not None:
+            return int(config.max_new_tokens)
+        max_length = getattr(config, "max_length", None)
+    return None if max_length is None else max(int(max_length) - prompt_length, 0)
 
 
 class Handle:
@@ -188,12 +256,26 @@ class Handle:
     def model(self):
         return self._model_ref()
 
+    def _twin(self, model) -> "Handle":
+        """An active handle of the same policy for ``model``, a deep copy of this handle's model (whose
+        attributes may still be in the making: nothing is read from it)."""
+        twin = object.__new__(Handle)
+        twin.__dict__.update(self.__dict__)
+        twin._model_ref = weakref.ref(model)
+        twin.last_cache = None
+        twin.active = True
+        return twin
+
     def new_cache(self, prompt_length: int | None = None) -> EvictingCache:
         """A fresh evicting cache for this model and policy (for manual forward loops, or ``generate(cache=...)``).
 
         ``prompt_length`` marks exactly that many first tokens as the prompt, however they are fed; without
-        it, every multi-token forward before the first single-token one is prompt.
+        it, every multi-token forward is context (the prompt, or a later user turn) and every single-token
+        forward after it is generated.
         """
+        model = self.model
+        if model is not None:
+            _check_dtype(model)  # the model may have been converted since patch()
         self.last_cache = EvictingCache(self.plans, self.policy.name, prompt_length)
         return self.last_cache
 
@@ -206,17 +288,7 @@ class Handle:
 
     def _install(self) -> None:
         model = self.model
-        original = type(model).generate.__get__(model)  # looked up before any change
-        cache_kwarg = _cache_kwarg_name()
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            _check_generate_kwargs(model, kwargs, args)
-            has_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
-            if kwargs.get("use_cache", True) is not False and not has_cache:
-                kwargs[cache_kwarg] = self.new_cache(_prompt_length(args, kwargs))
-            return original(*args, **kwargs)
-
+        generate = PatchedGenerate(self)  # the model's own generate is looked up before any change
         try:
             model.set_attn_implementation(self.attention_name)
             model.generate = generate
@@ -341,9 +413,16 @@ def handle_of(model) -> Handle | None:
 
 @contextlib.contextmanager
 def patched(model, policy: PolicySource = "moment.yaml"):
-    """``with patched(model, "h2o.yaml") as handle:`` patch for the block, restore on exit."""
+    """``with patched(model, "h2o.yaml") as handle:`` patch for the block, restore on exit.
+
+    Nested inside another patch, the block's policy replaces the outer one and the outer patch is back on exit.
+    """
+    outer = _HANDLES.get(model)
     handle = patch(model, policy)
     try:
         yield handle
     finally:
-        handle.remove()
+        if handle.active:
+            handle.remove()
+            if outer is not None and outer.model is model:
+                outer._install()

@@ -7,6 +7,19 @@ import torch
 _EPS = 1e-12
 
 
+def rank_of(scores: torch.Tensor) -> torch.Tensor:
+    """``(..., T)`` -> float32 ranks in ``[0, 1]`` along the last axis: 0 for the lowest, 1 for the highest.
+
+    Ties keep their slot order. One sort and one scatter (the inverse permutation), not two sorts.
+    """
+    t = scores.shape[-1]
+    order = scores.argsort(dim=-1, stable=True)
+    steps = torch.arange(t, device=scores.device, dtype=torch.float32).div_(max(t - 1, 1))
+    return torch.empty(scores.shape, dtype=torch.float32, device=scores.device).scatter_(
+        -1, order, steps.expand(scores.shape)
+    )
+
+
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     """Rescale ``scores`` ``(batch, kv_heads, tokens)`` along the token axis.
 
@@ -24,6 +37,5 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
         centred = scores - scores.mean(-1, keepdim=True)
         return centred / centred.square().mean(-1, keepdim=True).sqrt().clamp_min(_EPS)
     if how == "rank":
-        ranks = scores.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float32)
-        return ranks / max(scores.shape[-1] - 1, 1)
+        return rank_of(scores)
     raise ValueError(f"unknown normalization {how!r}")

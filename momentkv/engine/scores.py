@@ -1,0 +1,151 @@
+"""The scorers of one cache layer: their states, the scores they give, and when they run.
+
+Everything the per-step path needs is resolved once, when the layer is built: each scorer's bound ``update``,
+its normalisation, its weight, its state shape, and whether it runs after every decode step or only when the
+layer ranks its tokens (``Scorer.every_step``). States are float32 ``(batch, kv_heads, T)`` (or
+``(channels, batch, kv_heads, T)``) over the layer's ``T`` evictable slots; they move with the slots.
+
+The ranking score is the weighted sum of the normalised outputs: the every-step scorers' part is kept from
+the last step, the rank-time scorers' part is computed when the layer asks (:meth:`LayerScoring.total`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from momentkv.errors import PolicyError
+from momentkv.scoring.base import ScoreContext, Scorer
+from momentkv.scoring.normalize import normalize_scores
+
+DEBUG_ENV = "MOMENTKV_DEBUG"
+
+
+@dataclass
+class ScoreInputs:
+    """What the layer shows its scorers at one moment (see :class:`~momentkv.scoring.ScoreContext`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    now: int
+    layer_idx: int
+    num_layers: int
+    window: Callable[[int], torch.Tensor] | None
+
+
+class _Component:
+    """One scorer, resolved for the per-step path."""
+
+    __slots__ = ("scorer", "update", "normalize", "weight", "channels")
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+        self.update = scorer.update
+        self.normalize = scorer.normalize
+        self.weight = float(scorer.weight)
+        self.channels = int(scorer.state_channels)
+
+
+class LayerScoring:
+    """Scorer states and scores of one layer (see the module docstring)."""
+
+    def __init__(self, scorers: tuple[Scorer, ...]):
+        parts = [_Component(s) for s in scorers]
+        self.components = parts
+        self.each_step = [i for i, p in enumerate(parts) if p.scorer.every_step()]
+        self.at_rank = [i for i, p in enumerate(parts) if not p.scorer.every_step()]
+        self.needs_step_attention = any(s.needs_attention and s.query_window() == 0 for s in scorers)
+        self.query_window = max((s.query_window() for s in scorers), default=0)
+        self.debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")  # read once per layer
+        self.states: list[torch.Tensor] = []
+        self.step_total: torch.Tensor | None = None  # the every-step scorers' part, from the last step
+        self.attention: torch.Tensor | None = None  # the last step's attention, for rank-time scorers
+        self.started = False
+
+    # ----------------------------------------------------------------- slots
+    def start(self, batch: int, heads: int, tokens: int, device) -> None:
+        """Zero states for ``tokens`` evictable slots (called when the prompt is complete)."""
+        self.states = [self._zeros(p.channels, batch, heads, tokens, device) for p in self.components]
+        self.started = True
+
+    @staticmethod
+    def _zeros(channels: int, b: int, h: int, t: int, device) -> torch.Tensor:
+        shape = (b, h, t) if channels == 1 else (channels, b, h, t)
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def append(self, count: int) -> None:
+        """``count`` new evictable slots at the end, their states zero."""
+        if not self.started:
+            return
+        self.states = [torch.cat([s, s.new_zeros((*s.shape[:-1], count))], dim=-1) for s in self.states]
+        self.step_total = self.attention = None
+
+    def reset_slot(self, slot: torch.Tensor) -> None:
+        """A new token took slot ``slot`` ``(b, h, 1)`` of each head: its states start at zero."""
+        for state in self.states:
+            state.scatter_(-1, slot.expand(*state.shape[:-1], 1), 0.0)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the evictable slots ``index`` ``(b, h, n)``, in that order."""
+        self.states = [s.gather(-1, index.expand(*s.shape[:-1], index.shape[-1])) for s in self.states]
+        self.step_total = self.attention = None
+
+    def select_rows(self, pick) -> None:
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return pick(t) if t.dim() == 3 else pick(t.transpose(0, 1)).transpose(0, 1).contiguous()
+
+        self.states = [rows(s) for s in self.states]
+        self.step_total = None if self.step_total is None else pick(self.step_total)
+        self.attention = None if self.attention is None else pick(self.attention)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.states) + (0 if self.step_total is None else self.step_total.nbytes)
+
+    # ----------------------------------------------------------------- scoring
+    def _run(self, which: list[int], attention, inputs: ScoreInputs) -> torch.Tensor | None:
+        total = None
+        age = None  # computed once, by the first scorer that reads it
+        expected = tuple(inputs.positions.shape)
+        for i in which:
+            part = self.components[i]
+            ctx = ScoreContext(attention, inputs.keys, self.states[i], age, inputs.positions, inputs.now,
+                               inputs.values, inputs.valid, inputs.layer_idx, inputs.num_layers, inputs.window)
+            out = part.update(ctx)
+            age = ctx._age
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise PolicyError(
+                    f"scorer {part.scorer.type!r} returned {got}; a scorer returns one score per evictable "
+                    f"token, shaped (batch, kv_heads, tokens) = {expected}"
+                )
+            if self.debug and not bool(torch.isfinite(out).all()):
+                raise PolicyError(
+                    f"scorer {part.scorer.type!r} returned a NaN or infinite score at layer {inputs.layer_idx} "
+                    f"(step {inputs.now}); scores must be finite ({DEBUG_ENV}=1 checks this every step)"
+                )
+            if part.normalize != "none":
+                out = normalize_scores(out, part.normalize)
+            if part.weight != 1.0:
+                out = out * part.weight
+            total = out if total is None else total + out
+        return total
+
+    def step(self, attention: torch.Tensor | None, inputs: ScoreInputs) -> None:
+        """Fold one decode step into the every-step scorers; keep ``attention`` for the rank-time ones."""
+        self.attention = attention
+        self.step_total = self._run(self.each_step, attention, inputs) if self.each_step else None
+
+    def total(self, inputs: ScoreInputs) -> torch.Tensor:
+        """The ranking score ``(batch, kv_heads, T)``: every-step part plus the rank-time scorers run now."""
+        total = self.step_total
+        if self.at_rank:
+            late = self._run(self.at_rank, self.attention, inputs)
+            total = late if total is None else total + late
+        if total is None:  # no scorer has run yet (or none exists): every slot ties
+            total = torch.zeros(inputs.positions.shape, dtype=torch.float32, device=inputs.positions.device)
+        return total
