@@ -5,7 +5,7 @@ import torch
 
 import momentkv
 from momentkv.engine.group_attention import group_attention
-from momentkv.prefill.window import prompt_window_attention
+from momentkv.engine.query_window import QueryWindow
 from models import FAMILIES, prompts, tiny_model
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,8 +55,10 @@ def test_group_attention_accumulates_in_float32_without_overflow(dtype):
     expected = group_attention(query.float(), key.float(), None, scaling)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    window = prompt_window_attention(query.expand(2, 4, 3, 64), key, torch.ones(2, 10, dtype=torch.bool), scaling)
-    assert window.dtype == torch.float32 and torch.isfinite(window).all()
+    queries = QueryWindow(3)
+    queries.push(query.expand(2, 4, 3, 64), 7, scaling)
+    window = queries.attention(3, key, torch.arange(10).expand(2, 2, 10), None, None)
+    assert window.dtype == torch.float32 and torch.isfinite(window).all() and window.shape == (2, 2, 2, 3, 10)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
