@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_cmd",
     "eval_cmd",
     "bench_cmd",
+    "report_cmd",
 )
 
 

@@ -95,6 +95,8 @@ def slots_text(result: ConfigResult, idx: np.ndarray) -> str:
     m = result.metrics
     if m.slots is None or idx.size == 0:
         return "—"
+    if m.generated_slots is None:  # a peer toolkit's pass: slots only
+        return f"{float(m.slots[idx].mean()):.0f}"
     return f"{float(m.slots[idx].mean()):.0f} ({float(m.generated_slots[idx].mean()):.0f})"
 
 

@@ -132,3 +132,50 @@ def metrics_of(record: dict) -> StepMetrics:
                        slots=None if record.get("slots") is None else record["slots"].double(),
                        generated_slots=None if record.get("generated_slots") is None
                        else record["generated_slots"].double())
+
+
+def load_saved(folder, seed: int = 0) -> tuple:
+    """Every pass saved in the reference folder ``folder`` (momentkv's and peer toolkits'), as results.
+
+    Returns ``(results, failures)``: ``failures`` lists the passes saved with an error instead of numbers
+    (``{"label", "source", "error"}``). Passes are ordered as saved: the full cache first, then by label.
+    """
+    from momentkv.eval.runner import ConfigResult, EvalResults
+
+    folder = Path(folder)
+    meta = passfile.read_meta(folder)
+    if meta is None:
+        raise FileNotFoundError(f"{folder} holds no finished reference (reference.json is missing)")
+    tokens, logprobs = passfile.read_reference_arrays(folder)
+    sampling = meta["key"]["sampling"]
+    reference = Reference(tokens=tokens, logprobs=logprobs, suppressed=meta["key"]["suppressed"],
+                          sampling=None if sampling is None else Sampling(**sampling))
+    from momentkv.eval.repetition import REPETITION_N, repetition_per_prompt
+    from momentkv.eval.runner import reference_nll
+
+    results = EvalResults(records=[PromptRecord(**r) for r in meta["records"]], steps=meta["key"]["steps"],
+                          seed=seed, model_name=meta["key"]["model"], reference_tokens=tokens,
+                          reference_nll=reference_nll(reference),
+                          meta={"batch_size": meta["key"]["batch_size"], "reference_seconds": meta["seconds"],
+                                "device": meta["device"], "repetition_n": REPETITION_N,
+                                "reference": "greedy" if sampling is None else Sampling(**sampling).describe()},
+                          reference_repetition=repetition_per_prompt(tokens),
+                          prompt_lengths=[len(p["tokens"]) for p in meta["key"]["prompts"]])
+    failures = []
+    records = [passfile.read_pass(path) for path in passfile.list_passes(folder)]
+    records.sort(key=lambda r: (r["budget"] is not None, r.get("source") != "momentkv", r["label"]))
+    for record in records:
+        if record.get("error"):
+            failures.append({"label": record["label"], "source": record.get("source"), "error": record["error"]})
+            continue
+        policy = None
+        if record.get("policy") is not None:
+            from momentkv.policy import load_policy
+
+            policy = load_policy(record["policy"])
+        config = EvalConfig(label=record["label"], name=record["name"], budget=record["budget"], policy=policy,
+                            memory=record.get("memory") or "decode")
+        free = None if record.get("free_tokens") is None else free_run_of(record["free_tokens"].long(), tokens)
+        results.results.append(ConfigResult(config=config, metrics=metrics_of(record), free=free,
+                                            seconds=record["seconds"]))
+    return results, failures

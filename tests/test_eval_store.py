@@ -1,0 +1,104 @@
+"""Saved evaluations: a rerun loads the reference and unchanged passes; a changed policy is recomputed; passes of a
+peer toolkit, with numbers or with an error, merge into one report."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from momentkv.cli.main import main
+from momentkv.eval import passfile
+from momentkv.eval.configs import build_configs
+from momentkv.eval.prompts import PromptRecord
+from momentkv.eval.runner import run_eval
+from momentkv.eval.store import SavedEvaluation, load_saved
+from tests.models import tiny_model
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = torch.Generator().manual_seed(3)
+    encoded = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (6, 9)]
+    records = [PromptRecord(id="a", prompt="x", kind="free"), PromptRecord(id="b", prompt="x", kind="grounded")]
+    return tiny_model(layers=2), encoded, records
+
+
+def _run(setup, root, sources, budgets=(4,), lines=None):
+    model, encoded, records = setup
+    store = SavedEvaluation.under(root, "tiny", STEPS, None, records, encoded, [2], 2)
+    out = run_eval(model, encoded, records, build_configs(list(sources), list(budgets)), STEPS, [2], 0,
+                   batch_size=2, progress=False, free_run=False, store=store,
+                   log=None if lines is None else lines.append)
+    return store, out
+
+
+def test_rerun_loads_unchanged_passes_and_recomputes_changed_ones(setup, tmp_path):
+    store, first = _run(setup, tmp_path, ["full.yaml", "recency.yaml"])
+    assert sorted(p.name for p in passfile.list_passes(store.folder)) == ["full.pt", "recency@4.pt"]
+    lines = []
+    _, again = _run(setup, tmp_path, ["full.yaml", "recency.yaml"], lines=lines)
+    assert all("loaded from the store" in line for line in lines) and len(lines) == 2
+    assert torch.equal(first.results[1].metrics.kl, again.results[1].metrics.kl)
+    assert torch.equal(first.reference_tokens, again.reference_tokens)
+    # The same label with another policy is not taken from the store.
+    changed = {"name": "recency", "decode": {"budget": 4, "sinks": 1, "scorers": [{"type": "recency"}]}}
+    lines = []
+    _, third = _run(setup, tmp_path, ["full.yaml", changed], budgets=(4,), lines=lines)
+    assert "loaded from the store" not in lines[1]
+    assert not torch.equal(first.results[1].metrics.kl, third.results[1].metrics.kl)
+
+
+def test_another_prompt_set_gets_another_reference_folder(setup, tmp_path):
+    model, encoded, records = setup
+    a = SavedEvaluation.under(tmp_path, "tiny", STEPS, None, records, encoded, [2], 2)
+    b = SavedEvaluation.under(tmp_path, "tiny", STEPS, None, records[:1], encoded[:1], [2], 2)
+    c = SavedEvaluation.under(tmp_path, "tiny", STEPS + 1, None, records, encoded, [2], 2)
+    assert len({a.folder, b.folder, c.folder}) == 3
+
+
+def test_report_merges_peer_passes_and_lists_failures(setup, tmp_path, capsys):
+    store, out = _run(setup, tmp_path, ["full.yaml", "recency.yaml"])
+    kl = torch.full((2, STEPS), 0.25, dtype=torch.float64)
+    common = {"budget": 20, "memory": "total", "source": "peer", "fingerprint": None, "policy": None,
+              "device": "cpu", "kv_bytes": 0, "stored": 0, "free_tokens": None, "generated_slots": None,
+              "notes": None}
+    passfile.write_pass(store.folder, {**common, "label": "peer-method@T20", "name": "peer-method",
+                                       "seconds": 1.0, "kl": kl, "agree": torch.ones(2, STEPS, dtype=torch.bool),
+                                       "nll": kl, "active_from": torch.tensor([3, 3]),
+                                       "slots": torch.tensor([20.0, 20.0]), "error": None})
+    passfile.write_pass(store.folder, {**common, "label": "peer-broken@T20", "name": "peer-broken", "seconds": 0.5,
+                                       "kl": None, "agree": None, "nll": None, "active_from": None, "slots": None,
+                                       "error": "FloatingPointError: non-finite logits at step 4"})
+    results, failures = load_saved(store.folder)
+    assert [r.config.label for r in results.results] == ["full", "recency@4", "peer-method@T20"]
+    assert failures == [{"label": "peer-broken@T20", "source": "peer",
+                         "error": "FloatingPointError: non-finite logits at step 4"}]
+    assert torch.equal(results.results[1].metrics.kl, out.results[1].metrics.kl)
+    report = tmp_path / "report"
+    assert main(["report", str(store.folder), "--out", str(report)]) == 0
+    text = (report / "results.md").read_text()
+    assert "| peer-method | T 20 | 0.250 [0.250, 0.250] |" in text
+    assert "| peer-broken@T20 | peer | FloatingPointError: non-finite logits at step 4 |" in text
+
+
+def test_report_of_a_folder_without_reference_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no finished reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["passfile.py", "metrics.py"])
+def test_files_a_peer_runner_loads_by_path_import_no_momentkv(name):
+    # benchmarks/peers/kvpress/run.py runs where momentkv cannot be imported (an older transformers).
+    path = Path(__file__).resolve().parent.parent / "momentkv" / "eval" / name
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"__future__", "json", "os", "re", "pathlib", "numpy", "torch"}
