@@ -5,14 +5,16 @@
 For each cache length it times, with ``triton.testing.do_bench`` (median, milliseconds):
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` alone (query (1, 32, 1, 128), K/V (1, 8, L, 128), enable_gqa);
-* ``sdpa_scoring``: SDPA plus separate torch scoring: a second pass over K for the logits, softmax, the mean
-  over each GQA group and the in-place EMA update (what an unfused engine does);
-* ``fused``: ``fused_decode_attention`` (output, group-averaged attention and EMA update in one kernel pass);
+* ``sdpa_scoring``: SDPA plus the engine's separate scoring (``group_attention``: a second pass over K for the
+  logits, softmax and the mean over each GQA group);
+* ``torch_single``: the engine's torch single pass (``attend`` plus the group mean: one pass for output and
+  scores, what a decode step runs where the kernel does not apply);
+* ``fused``: ``fused_decode_attention`` (output and group-averaged attention in one kernel pass);
 * ``fused_masked``: the same with a ``valid`` mask;
 * ``*_graph``: SDPA and the fused kernel replayed from a CUDA graph, without CPU launch overhead;
 
-checks the kernel against the torch reference (max abs error of output, attention and EMA state), prints a
-table of ratios and writes a CSV. A small sweep of tile size and warps at the longest lengths goes to a second
+checks the kernel against the torch reference (max abs error of output and attention), prints a table of
+ratios and writes a CSV. A small sweep of tile size and warps at the longest lengths goes to a second
 CSV. An error at one length is printed and the run goes on. Needs CUDA, torch and triton; no network.
 """
 
@@ -31,36 +33,28 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS, KV_HEADS, HEAD_DIM, ALPHA = 32, 8, 128, 0.9
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
 
 
 def import_kernels():
-    """``momentkv.kernels`` even where the rest of momentkv's dependencies (transformers) are not installed."""
+    """``momentkv.kernels`` and the engine's grouped attention, even where the rest of momentkv's dependencies
+    (transformers) are not installed: both need only torch (and triton for the kernel)."""
     try:
         import momentkv.kernels as kernels
-    except Exception as error:  # e.g. transformers missing: load the kernels subpackage alone
+    except Exception as error:  # e.g. transformers missing: load the two torch-only modules alone
         print(f"note: `import momentkv` failed ({error}); loading momentkv.kernels by itself")
         for name in [n for n in sys.modules if n == "momentkv" or n.startswith("momentkv.")]:
             del sys.modules[name]
-        package = types.ModuleType("momentkv")
-        package.__path__ = [str(ROOT / "momentkv")]
-        sys.modules["momentkv"] = package
+        for name, folder in (("momentkv", ROOT / "momentkv"), ("momentkv.engine", ROOT / "momentkv" / "engine")):
+            package = types.ModuleType(name)  # a bare package: its __init__ (which imports transformers) skipped
+            package.__path__ = [str(folder)]
+            sys.modules[name] = package
         import momentkv.kernels as kernels
+    from momentkv.engine import group_attention
     from momentkv.kernels import triton_decode
 
-    return kernels, triton_decode
-
-
-def torch_scoring(query, key, scaling, ema_state, alpha):
-    """Separate scoring as an unfused engine does it: logits in the input dtype, float32 softmax, group mean."""
-    b, h, d = query.shape
-    kv = key.shape[1]
-    grouped = query.view(b, kv, h // kv, d)  # (b, kv, g, d)
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling)  # (b, kv, g, L)
-    attn = torch.softmax(logits, dim=-1).mean(dim=2)  # (b, kv, L)
-    ema_state.mul_(alpha).add_(attn)
-    return attn
+    return kernels, triton_decode, group_attention
 
 
 def median_ms(fn, graph=False) -> float:
@@ -72,47 +66,48 @@ def median_ms(fn, graph=False) -> float:
 
 
 def inputs(length, seed=0):
+    """Query ``(1, 32, 128)``, K/V ``(1, 8, L, 128)`` bf16 and a mask ``(1, L)`` with 10% of the keys out."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     valid = torch.rand(1, length, device="cuda", generator=g) > 0.1
     valid[:, -1] = True
-    ema = torch.rand(1, KV_HEADS, length, device="cuda", generator=g)
-    return q, k, v, valid, ema
+    return q, k, v, valid
 
 
-def measure(length, kernels, triton_decode) -> dict:
-    q, k, v, valid, ema = inputs(length)
+def measure(length, kernels, triton_decode, group_attention) -> dict:
+    q, k, v, valid = inputs(length)
     scaling = HEAD_DIM**-0.5
     q4 = q.unsqueeze(2)  # (1, 32, 1, 128) as the model passes it
 
-    # Correctness first, on fresh copies of the state.
-    ema_kernel, ema_ref = ema.clone(), ema.clone()
-    out, attn = kernels.fused_decode_attention(q, k, v, scaling, valid, ema_kernel, ALPHA, 0)
-    want_out, want_attn = kernels.decode_attention_reference(q, k, v, scaling, valid, ema_ref, ALPHA, 0)
+    out, attn = kernels.fused_decode_attention(q, k, v, scaling, valid)  # correctness first
+    want_out, want_attn = kernels.decode_attention_reference(q, k, v, scaling, valid)
     torch.cuda.synchronize()
     row = {
         "length": length,
         "err_out": (out.float() - want_out.float()).abs().max().item(),
         "err_attn": (attn - want_attn).abs().max().item(),
-        "err_ema": (ema_kernel - ema_ref).abs().max().item(),
         "attn_sum_err": (attn.sum(-1) - 1).abs().max().item(),
     }
-    del want_out, want_attn, ema_ref
+    del want_out, want_attn
 
     sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, scale=scaling, enable_gqa=True)  # noqa: E731
-    state = ema.clone()
 
-    def sdpa_scoring():
+    def sdpa_scoring():  # attention, then the scores in a second pass over K
         F.scaled_dot_product_attention(q4, k, v, scale=scaling, enable_gqa=True)
-        torch_scoring(q, k, scaling, state, ALPHA)
+        group_attention.group_attention(q4, k, None, scaling)
 
-    fused = lambda: kernels.fused_decode_attention(q, k, v, scaling, None, state, ALPHA, 0)  # noqa: E731
-    fused_masked = lambda: kernels.fused_decode_attention(q, k, v, scaling, valid, state, ALPHA, 0)  # noqa: E731
+    def torch_single():  # the engine's torch single pass: output and scores from one softmax
+        _, probs = group_attention.attend(q4, k, v, None, scaling)
+        group_attention.group_mean(probs[:, :, :, -1])
+
+    fused = lambda: kernels.fused_decode_attention(q, k, v, scaling)  # noqa: E731
+    fused_masked = lambda: kernels.fused_decode_attention(q, k, v, scaling, valid)  # noqa: E731
 
     row["sdpa_ms"] = median_ms(sdpa)
     row["sdpa_scoring_ms"] = median_ms(sdpa_scoring)
+    row["torch_single_ms"] = median_ms(torch_single)
     row["fused_ms"] = median_ms(fused)
     row["fused_masked_ms"] = median_ms(fused_masked)
     for name, fn in (("sdpa_graph_ms", sdpa), ("fused_graph_ms", fused)):
@@ -126,13 +121,14 @@ def measure(length, kernels, triton_decode) -> dict:
     row["fused_GBps"] = kv_bytes / row["fused_ms"] / 1e6
     row["fused_vs_sdpa"] = row["fused_ms"] / row["sdpa_ms"]
     row["fused_vs_sdpa_scoring"] = row["fused_ms"] / row["sdpa_scoring_ms"]
+    row["fused_vs_torch_single"] = row["fused_ms"] / row["torch_single_ms"]
     row["graph_fused_vs_sdpa"] = row["fused_graph_ms"] / row["sdpa_graph_ms"]
     return row
 
 
 def sweep(length, kernels, triton_decode) -> list[dict]:
     """Tile size x split count x pipeline stages for the fused kernel at one length (CUDA-graph timing)."""
-    q, k, v, _, ema = inputs(length)
+    q, k, v, _ = inputs(length)
     scaling = HEAD_DIM**-0.5
     base = triton_decode.split_plan(length, KV_HEADS, q.device, 64)[1]
     rows = []
@@ -142,8 +138,7 @@ def sweep(length, kernels, triton_decode) -> list[dict]:
     configs += [(32, 4, base, 3), (64, 8, base, 3)]
     for block_n, num_warps, splits, stages in configs:
         fn = lambda: triton_decode.decode_attention_triton(  # noqa: E731
-            q, k, v, scaling, None, ema, ALPHA, 0, block_n=block_n, num_splits=splits, num_warps=num_warps,
-            num_stages=stages)
+            q, k, v, scaling, None, block_n=block_n, num_splits=splits, num_warps=num_warps, num_stages=stages)
         try:
             ms = median_ms(fn, graph=True)
         except Exception as error:
@@ -175,7 +170,7 @@ def main(argv=None) -> int:
         return 1
     import triton
 
-    kernels, triton_decode = import_kernels()
+    kernels, triton_decode, group_attention = import_kernels()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"python {sys.version.split()[0]}; layer: {HEADS} query / {KV_HEADS} KV heads, head dim {HEAD_DIM}, bf16, "
           f"batch 1")
@@ -183,25 +178,27 @@ def main(argv=None) -> int:
     rows = []
     for length in args.lengths:
         try:
-            row = measure(length, kernels, triton_decode)
+            row = measure(length, kernels, triton_decode, group_attention)
         except Exception:
             print(f"length {length}: failed")
             traceback.print_exc()
             continue
         rows.append(row)
         print(f"  {length:>6}: sdpa {row['sdpa_ms']:.4f} ms, +scoring {row['sdpa_scoring_ms']:.4f}, "
-              f"fused {row['fused_ms']:.4f}, graph sdpa {row['sdpa_graph_ms']:.4f} fused {row['fused_graph_ms']:.4f}"
-              f" ({time.time() - started:.0f} s)", flush=True)
+              f"torch single pass {row['torch_single_ms']:.4f}, fused {row['fused_ms']:.4f}, "
+              f"graph sdpa {row['sdpa_graph_ms']:.4f} fused {row['fused_graph_ms']:.4f} "
+              f"({time.time() - started:.0f} s)", flush=True)
         torch.cuda.empty_cache()
 
-    header = (f"{'tokens':>7} {'sdpa ms':>9} {'+score ms':>9} {'fused ms':>9} {'masked':>9} {'fused/sdpa':>10} "
-              f"{'fused/+sc':>9} {'graph f/s':>9} {'GB/s sdpa':>9} {'GB/s fused':>10} {'err out':>8} {'err attn':>8}")
+    header = (f"{'tokens':>7} {'sdpa ms':>9} {'+score ms':>9} {'single ms':>9} {'fused ms':>9} {'masked':>9} "
+              f"{'fused/sdpa':>10} {'fused/+sc':>9} {'fused/1p':>9} {'graph f/s':>9} {'GB/s sdpa':>9} "
+              f"{'GB/s fused':>10} {'err out':>8} {'err attn':>8}")
     print("\n" + header)
     for r in rows:
-        print(f"{r['length']:>7} {r['sdpa_ms']:>9.4f} {r['sdpa_scoring_ms']:>9.4f} {r['fused_ms']:>9.4f} "
-              f"{r['fused_masked_ms']:>9.4f} {r['fused_vs_sdpa']:>10.3f} {r['fused_vs_sdpa_scoring']:>9.3f} "
-              f"{r['graph_fused_vs_sdpa']:>9.3f} {r['sdpa_GBps']:>9.0f} {r['fused_GBps']:>10.0f} "
-              f"{r['err_out']:>8.1e} {r['err_attn']:>8.1e}")
+        print(f"{r['length']:>7} {r['sdpa_ms']:>9.4f} {r['sdpa_scoring_ms']:>9.4f} {r['torch_single_ms']:>9.4f} "
+              f"{r['fused_ms']:>9.4f} {r['fused_masked_ms']:>9.4f} {r['fused_vs_sdpa']:>10.3f} "
+              f"{r['fused_vs_sdpa_scoring']:>9.3f} {r['fused_vs_torch_single']:>9.3f} {r['graph_fused_vs_sdpa']:>9.3f} "
+              f"{r['sdpa_GBps']:>9.0f} {r['fused_GBps']:>10.0f} {r['err_out']:>8.1e} {r['err_attn']:>8.1e}")
     if rows:
         write_csv(args.out, rows)
         print(f"\nwrote {args.out}")

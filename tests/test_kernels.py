@@ -1,5 +1,8 @@
 """The fused decode-attention kernel against its torch reference, and the reference against a naive one.
 
+The reference is the engine's grouped attention on float32 copies of the inputs; the naive computation here
+expands K/V per query head in float64, so the two share no code.
+
 On a CUDA machine the Triton kernel runs natively. Without CUDA it runs under triton's CPU interpreter in one
 subprocess started with ``TRITON_INTERPRET=1`` (see the kernel section below), so no other test sees the
 variable. Shapes are tiny because the interpreter executes every program in Python.
@@ -22,8 +25,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # (atol, rtol) per input dtype. ``out`` is rounded to the input dtype and, on a GPU, the kernel multiplies
-# bf16/fp16 probabilities with V as tensor cores do; ``attn`` and the EMA state are float32 computed from the
-# same products, so they stay tight for every dtype.
+# bf16/fp16 probabilities with V as tensor cores do; ``attn`` is float32 computed from the same products, so it
+# stays tight for every dtype.
 OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 ATTN_TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-5, 1e-4), torch.bfloat16: (1e-5, 1e-4)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -62,8 +65,7 @@ def test_assert_close_reports_nan_and_first_index():
     assert_close(torch.tensor([float("nan"), float("-inf")]), torch.tensor([float("nan"), float("-inf")]), 0, 0)
 
 
-def make_inputs(batch, heads, kv_heads, seq, dim, dtype, mask="none", score_start=0, ema=True, seed=0,
-                device=DEVICE):
+def make_inputs(batch, heads, kv_heads, seq, dim, dtype, mask="none", seed=0, device=DEVICE):
     """Random decode inputs; ``mask`` is none, random, prefix (a fully masked prefix) or prefix+random."""
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, heads, dim, generator=g).to(device, dtype)
@@ -78,8 +80,7 @@ def make_inputs(batch, heads, kv_heads, seq, dim, dtype, mask="none", score_star
             valid[:, : (2 * seq) // 3] = False
         valid[:, -1] = True  # the current token always attends to itself
         valid = valid.to(device)
-    ema_state = torch.rand(batch, kv_heads, seq - score_start, generator=g).to(device) if ema else None
-    return query, key, value, valid, ema_state
+    return query, key, value, valid
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -105,28 +106,23 @@ def naive_decode_attention(query, key, value, scaling, valid):
 @pytest.mark.parametrize("mask", ["none", "random", "prefix"])
 def test_reference_matches_naive_repeat_kv(dtype, shape, mask):
     b, h, kv, s, d = shape
-    score_start = s // 3
-    q, k, v, valid, ema = make_inputs(b, h, kv, s, d, dtype, mask, score_start, device="cpu")
-    before = ema.clone()
-    out, attn = decode_attention_reference(q, k, v, d**-0.5, valid, ema, alpha=0.7, score_start=score_start)
+    q, k, v, valid = make_inputs(b, h, kv, s, d, dtype, mask, device="cpu")
+    out, attn = decode_attention_reference(q, k, v, d**-0.5, valid)
     want_out, want_attn = naive_decode_attention(q, k, v, d**-0.5, valid)
     assert out.dtype == dtype and attn.dtype == torch.float32
     assert_close(out, want_out, *OUT_TOL[dtype], name="out")
     assert_close(attn, want_attn, 1e-6, 1e-5, name="attn")
-    assert_close(ema, 0.7 * before + want_attn[..., score_start:], 1e-6, 1e-5, name="ema")
     if valid is not None:
         assert (attn.masked_select(~valid[:, None, :].expand_as(attn)) == 0).all()
     assert_close(attn.sum(-1), torch.ones(b, kv), 1e-5, 0, name="attn row sums")
 
 
 def test_reference_fully_masked_row_gives_zeros():
-    q, k, v, valid, ema = make_inputs(2, 4, 2, 6, 16, torch.float32, "random", device="cpu")
+    q, k, v, valid = make_inputs(2, 4, 2, 6, 16, torch.float32, "random", device="cpu")
     valid[1] = False
-    before = ema.clone()
-    out, attn = decode_attention_reference(q, k, v, 0.25, valid, ema, alpha=0.5)
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid)
     assert torch.isfinite(out).all() and torch.isfinite(attn).all()
     assert (out[1] == 0).all() and (attn[1] == 0).all()
-    assert_close(ema[1], 0.5 * before[1], 0, 0, name="ema of the masked row")
     assert_close(out[0], naive_decode_attention(q, k, v, 0.25, valid)[0][0], 1e-5, 1e-5, name="out row 0")
 
 
@@ -136,25 +132,49 @@ def test_reference_fully_masked_row_gives_zeros():
         dict(query=torch.zeros(1, 3, 8)),  # 3 heads do not divide over 2 KV heads
         dict(value=torch.zeros(1, 2, 4, 8)),  # value length differs from key length
         dict(valid=torch.ones(1, 5)),  # not bool
-        dict(ema_state=torch.zeros(1, 2, 5)),  # ema must cover S - score_start tokens
-        dict(ema_state=torch.zeros(1, 2, 5, dtype=torch.float64), score_start=0),  # not float32
-        dict(score_start=6),
+        dict(valid=torch.ones(1, 4, dtype=torch.bool)),  # one flag per cached token
+        dict(key=torch.zeros(1, 2, 5, 8, dtype=torch.float64), value=torch.zeros(1, 2, 5, 8, dtype=torch.float64)),
     ],
 )
 def test_reference_rejects_bad_arguments(change):
     args = dict(query=torch.zeros(1, 4, 8), key=torch.zeros(1, 2, 5, 8), value=torch.zeros(1, 2, 5, 8),
-                scaling=1.0, valid=None, ema_state=None, alpha=1.0, score_start=1)
+                scaling=1.0, valid=None)
     args.update(change)
     with pytest.raises(ValueError):
         decode_attention_reference(**args)
 
 
+@pytest.mark.parametrize("name", ["ema_state", "alpha", "score_start"])
+def test_no_scorer_state_in_the_kernel_contract(name):
+    """The engine folds the attention into the scorers itself: the kernels take no scorer state."""
+    import inspect
+
+    from momentkv.kernels import reference
+
+    for fn in (fused_decode_attention, decode_attention_reference, reference.check_decode_args):
+        assert name not in inspect.signature(fn).parameters, fn.__name__
+
+
 def test_wrapper_uses_reference_on_cpu():
-    q, k, v, valid, ema = make_inputs(2, 8, 2, 33, 16, torch.float32, "random", score_start=3, device="cpu")
-    ema2 = ema.clone()
-    out, attn = fused_decode_attention(q, k, v, 0.25, valid, ema, 0.9, 3)
-    want_out, want_attn = decode_attention_reference(q, k, v, 0.25, valid, ema2, 0.9, 3)
-    assert torch.equal(out, want_out) and torch.equal(attn, want_attn) and torch.equal(ema, ema2)
+    q, k, v, valid = make_inputs(2, 8, 2, 33, 16, torch.float32, "random", device="cpu")
+    out, attn = fused_decode_attention(q, k, v, 0.25, valid)
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.25, valid)
+    assert torch.equal(out, want_out) and torch.equal(attn, want_attn)
+
+
+def test_reference_is_the_engines_grouped_attention():
+    """What the engine's single pass computes for a decode step, the reference computes too (float32)."""
+    from momentkv.engine.group_attention import attend, group_mean
+
+    q, k, v, valid = make_inputs(2, 6, 2, 19, 16, torch.float32, "random", device="cpu")
+    out, probs = attend(q.unsqueeze(2), k, v, None, 0.25)
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.25)
+    assert torch.equal(out[:, 0], want_out) and torch.equal(group_mean(probs[:, :, :, 0]), want_attn)
+    # With a mask the reference also allows a row with no valid key (zeros, not NaN), so it normalises by hand.
+    out, probs = attend(q.unsqueeze(2), k, v, valid.view(2, 1, 1, 19), 0.25)
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.25, valid)
+    assert_close(out[:, 0], want_out, 1e-6, 1e-6, name="out")
+    assert_close(group_mean(probs[:, :, :, 0]), want_attn, 1e-7, 1e-6, name="attn")
 
 
 def test_import_and_fallback_without_triton():
@@ -181,25 +201,24 @@ def test_import_and_fallback_without_triton():
 # torch) already imports triton. So one subprocess, started with the variable set, runs this file as a worker
 # that executes every kernel case and saves the results; the tests below compare them with the reference here.
 
-# (batch, heads, kv_heads, S, head_dim, mask, score_start, ema, block_n, num_splits): odd lengths, every group
-# size, a prefix long enough that whole splits see only masked keys, several tiles per split.
+# (batch, heads, kv_heads, S, head_dim, mask, block_n, num_splits): odd lengths, every group size, a prefix
+# long enough that whole splits see only masked keys, several tiles per split.
 CASES = [
-    (1, 1, 1, 1, 16, "none", 0, True, None, None),
-    (2, 4, 2, 5, 16, "random", 2, True, None, None),
-    (3, 8, 2, 123, 64, "prefix", 40, True, 32, 3),
-    (1, 4, 4, 257, 64, "random", 0, False, 32, 4),
-    (2, 8, 2, 257, 16, "prefix+random", 100, True, 32, 5),
-    (1, 2, 1, 123, 16, "none", 123, True, 16, 2),  # score_start == S: nothing to fold
+    (1, 1, 1, 1, 16, "none", None, None),
+    (2, 4, 2, 5, 16, "random", None, None),
+    (3, 8, 2, 123, 64, "prefix", 32, 3),
+    (1, 4, 4, 257, 64, "random", 32, 4),
+    (2, 8, 2, 257, 16, "prefix+random", 32, 5),
+    (1, 2, 1, 123, 16, "none", 16, 2),
 ]
 GPU_CASES = [
-    (1, 32, 8, 4133, 128, "prefix+random", 1000, True, None, None),  # launch heuristics, many splits
-    (2, 32, 8, 20001, 128, "random", 17, True, None, None),
+    (1, 32, 8, 4133, 128, "prefix+random", None, None),  # launch heuristics, many splits
+    (2, 32, 8, 20001, 128, "random", None, None),
 ]
-ALPHA = 0.9
 
 
 def case_id(case) -> str:
-    return "b{}h{}kv{}s{}d{}-{}-start{}".format(*case[:7])
+    return "b{}h{}kv{}s{}d{}-{}".format(*case[:6])
 
 
 def dtype_id(dtype) -> str:
@@ -207,8 +226,8 @@ def dtype_id(dtype) -> str:
 
 
 def case_inputs(case, dtype, device=DEVICE):
-    b, h, kv, s, d, mask, score_start, use_ema, _, _ = case
-    return make_inputs(b, h, kv, s, d, dtype, mask, score_start, use_ema, seed=s, device=device)
+    b, h, kv, s, d, mask, _, _ = case
+    return make_inputs(b, h, kv, s, d, dtype, mask, seed=s, device=device)
 
 
 def strided_inputs(dtype, device=DEVICE):
@@ -220,8 +239,7 @@ def strided_inputs(dtype, device=DEVICE):
     v = torch.randn(b, s, kv, d, generator=g).to(device, dtype).transpose(1, 2)
     valid = (torch.rand(b, s, generator=g) > 0.4).to(device)
     valid[1] = False
-    store = torch.rand(b, kv, s + 8, generator=g).to(device)  # a larger score buffer; the state is a view of it
-    return q, k, v, valid, store
+    return q, k, v, valid
 
 
 def run_kernel_cases(kernel, dtypes, cases) -> dict:
@@ -229,14 +247,12 @@ def run_kernel_cases(kernel, dtypes, cases) -> dict:
     results = {}
     for dtype in dtypes:
         for case in cases:
-            q, k, v, valid, ema = case_inputs(case, dtype)
-            out, attn = kernel(q, k, v, case[4] ** -0.5, valid, ema, ALPHA, case[6], block_n=case[8],
-                               num_splits=case[9])
-            results[f"{case_id(case)}-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu(),
-                                                             "ema": None if ema is None else ema.cpu()}
-        q, k, v, valid, store = strided_inputs(dtype)
-        out, attn = kernel(q, k, v, 0.25, valid, store[..., 8:], 0.5, 0, block_n=16, num_splits=2)
-        results[f"strided-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu(), "store": store.cpu()}
+            q, k, v, valid = case_inputs(case, dtype)
+            out, attn = kernel(q, k, v, case[4] ** -0.5, valid, block_n=case[6], num_splits=case[7])
+            results[f"{case_id(case)}-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu()}
+        q, k, v, valid = strided_inputs(dtype)
+        out, attn = kernel(q, k, v, 0.25, valid, block_n=16, num_splits=2)
+        results[f"strided-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu()}
     return results
 
 
@@ -260,25 +276,21 @@ def kernel_results(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES + (GPU_CASES if CUDA else []), ids=case_id)
 def test_kernel_matches_reference(kernel_results, dtype, case):
     got = kernel_results[f"{case_id(case)}-{dtype_id(dtype)}"]
-    q, k, v, valid, ema = case_inputs(case, dtype)
-    out, attn = decode_attention_reference(q, k, v, case[4] ** -0.5, valid, ema, ALPHA, case[6])
+    q, k, v, valid = case_inputs(case, dtype)
+    out, attn = decode_attention_reference(q, k, v, case[4] ** -0.5, valid)
     assert got["out"].dtype == dtype and got["attn"].dtype == torch.float32
     assert_close(got["out"], out, *OUT_TOL[dtype], name="out")
     assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
-    if ema is not None:
-        assert_close(got["ema"], ema, *ATTN_TOL[dtype], name="ema_state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_kernel_fully_masked_row_and_strided_inputs(kernel_results, dtype):
     got = kernel_results[f"strided-{dtype_id(dtype)}"]
-    q, k, v, valid, store = strided_inputs(dtype)
-    out, attn = decode_attention_reference(q, k, v, 0.25, valid, store[..., 8:], 0.5, 0)
+    q, k, v, valid = strided_inputs(dtype)
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid)
     assert (got["out"][1] == 0).all() and (got["attn"][1] == 0).all()
     assert_close(got["out"], out, *OUT_TOL[dtype], name="out")
     assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
-    assert_close(got["store"][..., 8:], store[..., 8:], *ATTN_TOL[dtype], name="ema_state")
-    assert torch.equal(got["store"][..., :8], store[..., :8].cpu())  # nothing written outside the view
 
 
 @pytest.mark.skipif(not CUDA, reason="dispatch to Triton needs CUDA tensors")
@@ -286,20 +298,18 @@ def test_wrapper_dispatches_to_triton_on_cuda():
     from momentkv.kernels import triton_decode
 
     assert triton_available()
-    q, k, v, valid, ema = make_inputs(1, 8, 2, 300, 64, torch.bfloat16, "random", score_start=10)
-    ema_ref = ema.clone()
+    q, k, v, valid = make_inputs(1, 8, 2, 300, 64, torch.bfloat16, "random")
     calls = []
     original = triton_decode.decode_attention_triton
     triton_decode.decode_attention_triton = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     try:
-        out, attn = fused_decode_attention(q, k, v, 0.125, valid, ema, 0.9, 10)
+        out, attn = fused_decode_attention(q, k, v, 0.125, valid)
     finally:
         triton_decode.decode_attention_triton = original
     assert calls, "the wrapper did not call the Triton kernel"
-    want_out, want_attn = decode_attention_reference(q, k, v, 0.125, valid, ema_ref, 0.9, 10)
+    want_out, want_attn = decode_attention_reference(q, k, v, 0.125, valid)
     assert_close(out, want_out, *OUT_TOL[torch.bfloat16], name="out")
     assert_close(attn, want_attn, *ATTN_TOL[torch.bfloat16], name="attn")
-    assert_close(ema, ema_ref, *ATTN_TOL[torch.bfloat16], name="ema_state")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-worker"]:

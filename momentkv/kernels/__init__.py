@@ -1,17 +1,18 @@
-"""Kernels for a decode step: attention plus Moment-KV scoring in one pass.
+"""Kernels for a decode step: attention and the attention each cached token receives, in one pass.
 
 ``fused_decode_attention`` is the entry point. It runs the fused Triton kernel on CUDA tensors when triton is
 installed (``pip install momentkv[triton]``) and the torch reference otherwise; both have one contract:
 
-    out, attn = fused_decode_attention(query, key, value, scaling, valid=None, ema_state=None,
-                                       alpha=1.0, score_start=0)
+    out, attn = fused_decode_attention(query, key, value, scaling, valid=None)
 
     query      (batch, heads, head_dim)             one decode query per head
     key/value  (batch, kv_heads, S, head_dim)       not expanded; heads = kv_heads * groups
     valid      (batch, S) bool or None              False masks a key out
-    ema_state  (batch, kv_heads, S - score_start)   float32, updated in place: alpha * ema + attn[..., score_start:]
     out        (batch, heads, head_dim)             input dtype
     attn       (batch, kv_heads, S)                 float32, probabilities averaged over each query group
+
+The scorers' state is not the kernel's business: the engine hands ``attn`` to the cache layer, whose scorers
+fold it in.
 
 Triton is imported only when a CUDA call needs it, so ``import momentkv`` works without it.
 """
@@ -46,11 +47,8 @@ def fused_decode_attention(
     value: torch.Tensor,
     scaling: float,
     valid: torch.Tensor | None = None,
-    ema_state: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    score_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention, group-averaged attention per cached token, optional in-place EMA update.
+    """Decode attention and the group-averaged attention per cached token.
 
     Dispatches to the Triton kernel for CUDA tensors when triton is available, else to
     :func:`decode_attention_reference`; see the module docstring for shapes.
@@ -58,5 +56,5 @@ def fused_decode_attention(
     if query.is_cuda and triton_available():
         from momentkv.kernels.triton_decode import decode_attention_triton
 
-        return decode_attention_triton(query, key, value, scaling, valid, ema_state, alpha, score_start)
-    return decode_attention_reference(query, key, value, scaling, valid, ema_state, alpha, score_start)
+        return decode_attention_triton(query, key, value, scaling, valid)
+    return decode_attention_reference(query, key, value, scaling, valid)

@@ -1,11 +1,10 @@
-"""Fused decode-step attention with Moment-KV scoring, in Triton (split-K, flash-decoding style).
+"""Fused decode-step attention with per-token scores, in Triton (split-K, flash-decoding style).
 
 The torch reference is :func:`momentkv.kernels.reference.decode_attention_reference`; this computes the same
-three things for one decode query per head while reading the keys and values once:
+two things for one decode query per head while reading the keys and values once:
 
 * the attention output ``(batch, heads, head_dim)``;
-* ``attn`` ``(batch, kv_heads, S)`` float32, the softmax probabilities averaged over each KV head's query group;
-* optionally the in-place update ``ema_state = alpha * ema_state + attn[..., score_start:]``.
+* ``attn`` ``(batch, kv_heads, S)`` float32, the softmax probabilities averaged over each KV head's query group.
 
 Two kernels (see docs/kernels.md):
 
@@ -15,13 +14,13 @@ Two kernels (see docs/kernels.md):
    the raw logits of its slice (``groups`` float32 per token).
 2. ``_momentkv_decode_combine_kernel``, one program per (block of S, batch x KV head). Each program reduces
    the few per-split statistics to the global max and denominator of each query head, turns its block of
-   logits into normalised probabilities, averages them over the group, stores ``attn`` and folds it into the
-   EMA state; the first block of each KV head also merges the partial outputs.
+   logits into normalised probabilities, averages them over the group and stores ``attn``; the first block of
+   each KV head also merges the partial outputs.
 
 The group average cannot be formed before the global softmax denominator is known (each query head has its
 own), so the split pass keeps the logits: ``8 * groups`` bytes per token (written, then read) on top of the
-``4 * head_dim`` bytes per token that K and V cost in bf16, plus 4 for ``attn`` and 8 for the EMA state.
-For 32 query / 8 KV heads and head dim 128 that is about 9% more traffic than attention alone.
+``4 * head_dim`` bytes per token that K and V cost in bf16, plus 4 for ``attn``. For 32 query / 8 KV heads
+and head dim 128 that is about 7% more traffic than attention alone.
 
 This module imports triton at import time; import it only where triton is installed.
 """
@@ -119,12 +118,11 @@ def _momentkv_decode_split_kernel(
 @triton.jit
 def _momentkv_decode_combine_kernel(
     logits_ptr, part_out_ptr, part_m_ptr, part_l_ptr,  # float32 scratch from the split kernel
-    out_ptr, attn_ptr, ema_ptr,
+    out_ptr, attn_ptr,
     stride_ob, stride_oh, stride_od,
-    stride_eb, stride_eh, stride_es,
-    seq_len, num_splits, kv_heads, alpha, score_start,
+    seq_len, num_splits, kv_heads,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_EMA: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -154,11 +152,6 @@ def _momentkv_decode_combine_kernel(
     p = tl.exp(s - m_ref[:, None]) * inv_denom[:, None]
     a = tl.sum(p, axis=0) / GROUPS  # (BLOCK_S,)
     tl.store(attn_ptr + bkv.to(tl.int64) * seq_len + cols, a, mask=in_range)
-    if HAS_EMA:
-        scored = in_range & (cols >= score_start)
-        e_ptrs = ema_ptr + b.to(tl.int64) * stride_eb + kvh.to(tl.int64) * stride_eh + (cols - score_start) * stride_es
-        e = tl.load(e_ptrs, mask=scored, other=0.0)
-        tl.store(e_ptrs, alpha * e + a, mask=scored)
 
     # The first block of each KV head merges the partial outputs of its splits, one query head at a time and
     # MERGE_CHUNK splits per load (a serial loop over single splits made this tail grow with the split count).
@@ -211,9 +204,6 @@ def decode_attention_triton(
     value: torch.Tensor,
     scaling: float,
     valid: torch.Tensor | None = None,
-    ema_state: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    score_start: int = 0,
     *,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -226,7 +216,7 @@ def decode_attention_triton(
     ``num_splits`` override the launch heuristics (tests use them to force several splits and tiles);
     ``num_warps`` and ``num_stages`` (triton's default when None) go to the split kernel's launch.
     """
-    b, h, kv, s, d = check_decode_args(query, key, value, valid, ema_state, score_start)
+    b, h, kv, s, d = check_decode_args(query, key, value, valid)
     groups = h // kv
     dev = query.device
     out = torch.empty((b, h, d), dtype=query.dtype, device=dev)
@@ -259,16 +249,15 @@ def decode_attention_triton(
         BLOCK_N=block_n, HAS_VALID=valid is not None, DOT_FP32=dot_fp32,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    ema = ema_state if ema_state is not None else attn
     block_s = 1024 if s > 512 else 128
     splits_pad = max(2, triton.next_power_of_2(splits))
     _momentkv_decode_combine_kernel[(triton.cdiv(s, block_s), b * kv)](
         logits, part_out, part_m, part_l,
-        out, attn, ema,
-        *out.stride(), *(ema_state.stride() if ema_state is not None else (0, 0, 0)),
-        s, splits, kv, float(alpha), int(score_start),
+        out, attn,
+        *out.stride(),
+        s, splits, kv,
         GROUPS=groups, G_PAD=triton.next_power_of_2(groups), HEAD_DIM=d, D_PAD=d_pad,
-        SPLITS_PAD=splits_pad, MERGE_CHUNK=min(32, splits_pad), BLOCK_S=block_s, HAS_EMA=ema_state is not None,
+        SPLITS_PAD=splits_pad, MERGE_CHUNK=min(32, splits_pad), BLOCK_S=block_s,
         num_warps=4,
     )
     return out, attn
