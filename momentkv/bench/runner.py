@@ -1,20 +1,25 @@
-"""Side-by-side generation runs: tokens/s, stored KV bytes, peak memory and the per-step time split.
+"""Side-by-side generation runs: tokens/s, stored KV bytes, peak memory, the time split and operation counts.
 
-Runs alternate between policies (and the unpatched model) inside each repeat, so slow drifts of a noisy
-machine hit every policy alike; the median over repeats is reported.
+Timed runs alternate between policies (and the unpatched model) inside each repeat, so slow drifts of a noisy
+machine hit every policy alike; the median over repeats is reported. Operations are counted in one extra,
+untimed run per policy and length (counting slows every operation down), and the unpatched model is always
+counted, as the reference of the operations momentkv adds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 import momentkv
+from momentkv.bench.op_count import counting
 from momentkv.bench.timing import instrument
 
 UNPATCHED = "unpatched"
@@ -56,9 +61,9 @@ class RunResult:
     kv_bytes: int
     state_bytes: int
     peak_rss_growth: int
-    attention_s: float = 0.0
-    update_s: float = 0.0
-    observe_s: float = 0.0
+    attention_s: float = math.nan  # nan: not measurable (the unpatched model's attention reports to no layer)
+    update_s: float = math.nan
+    observe_s: float = math.nan
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,11 +72,14 @@ class RunResult:
 
 @dataclass
 class Summary:
-    """Medians over repeats for one (policy, length)."""
+    """Medians over timed repeats for one (policy, length), and the operations counted in its untimed run:
+    ``ops`` maps each region and ``total`` to the mean count per decode step (all layers)."""
 
     policy: str
     new_tokens: int
     runs: list[RunResult] = field(default_factory=list)
+    ops: dict[str, float] | None = None
+    layers: int = 0
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -97,37 +105,55 @@ def policy_name(policy) -> str:
     return policy.name
 
 
-@torch.no_grad()
-def run_once(model, inputs: dict, policy: str | dict, new_tokens: int) -> RunResult:
-    """Generate exactly ``new_tokens`` greedily under ``policy`` (or ``"unpatched"``) and measure it."""
+@contextmanager
+def _prepared(model, policy):
+    """``(name, cache)`` for one run under ``policy`` (or ``"unpatched"``); the patch is removed on exit."""
     from transformers import DynamicCache
 
-    name = policy_name(policy)
-    handle = None
     if policy == UNPATCHED:
-        cache, times = DynamicCache(config=model.config), None
-    else:
-        handle = momentkv.patch(model, policy)
-        cache = handle.new_cache()
-        times = instrument(cache)
+        yield UNPATCHED, DynamicCache(config=model.config)
+        return
+    handle = momentkv.patch(model, policy)
     try:
+        yield policy_name(policy), handle.new_cache()
+    finally:
+        handle.remove()
+
+
+def _generate(model, inputs: dict, cache, new_tokens: int) -> None:
+    model.generate(**inputs, cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+@torch.no_grad()
+def run_once(model, inputs: dict, policy, new_tokens: int) -> RunResult:
+    """Generate exactly ``new_tokens`` greedily under ``policy`` (or ``"unpatched"``) and measure it."""
+    with _prepared(model, policy) as (name, cache):
+        times = instrument(cache)
         with PeakMemory() as memory:
             start = time.perf_counter()
-            model.generate(**inputs, cache=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False)
+            _generate(model, inputs, cache, new_tokens)
             seconds = time.perf_counter() - start
         kv_bytes, state_bytes = _cache_bytes(cache)
-    finally:
-        if handle is not None:
-            handle.remove()
-    result = RunResult(name, new_tokens, seconds, kv_bytes, state_bytes, memory.peak - memory.start)
-    if times is not None:
-        result.attention_s, result.update_s, result.observe_s = times.attention, times.update, times.observe
+    result = RunResult(name, new_tokens, seconds, kv_bytes, state_bytes, memory.peak - memory.start,
+                       update_s=times.update)
+    if name != UNPATCHED:  # transformers' cache has no observe: its attention span cannot be told apart
+        result.attention_s, result.observe_s = times.attention, times.observe
     return result
 
 
-def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, progress=None) -> list[Summary]:
-    """Every (policy, length) ``repeats`` times, alternating policies inside each repeat."""
+@torch.no_grad()
+def count_once(model, inputs: dict, policy, new_tokens: int) -> tuple[str, dict[str, float], int]:
+    """``(name, mean operations per decode step by region, layers)`` of one untimed run."""
+    with _prepared(model, policy) as (name, cache):
+        with counting(model, cache) as counts:
+            _generate(model, inputs, cache, new_tokens)
+    return name, counts.per_decode_step(), counts.layers
+
+
+def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, progress=None,
+               count_ops: bool = True) -> list[Summary]:
+    """Every (policy, length) ``repeats`` times, alternating policies inside each repeat; then, with
+    ``count_ops``, one counting run of each and of the unpatched model per length."""
     summaries = {(policy_name(p), n): Summary(policy_name(p), n) for p in policies for n in lengths}
     for repeat in range(repeats):
         for n in lengths:
@@ -137,4 +163,18 @@ def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, 
                 summaries[(result.policy, n)].runs.append(result)
                 if progress is not None:
                     progress.update(1)
+    if count_ops:
+        counted = policies if UNPATCHED in policies else [UNPATCHED, *policies]
+        for n in lengths:
+            for policy in counted:
+                name, ops, layers = count_once(model, inputs, policy, n)
+                summary = summaries.setdefault((name, n), Summary(name, n))
+                summary.ops, summary.layers = ops, layers
+                if progress is not None:
+                    progress.update(1)
     return list(summaries.values())
+
+
+def counting_runs(policies: list, lengths: list[int]) -> int:
+    """How many counting runs :func:`run_matrix` makes (for a progress bar)."""
+    return len(lengths) * (len(policies) + (UNPATCHED not in policies))

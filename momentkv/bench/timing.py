@@ -1,46 +1,48 @@
-"""Per-step time split of a patched model: attention, momentkv's own work, and the rest of the model.
+"""Time split of a run, measured from outside the engine: momentkv's update, the attention function, scoring.
 
-``instrument(cache)`` wraps the ``update`` and ``observe`` methods of *that cache's layers* (instance
-attributes: no class changes) and sets ``layer.timer``, which the attention function reads to time the
-attention kernel it calls. PyTorch's CPU ops run synchronously, so wall-clock spans are exact; on a GPU the
-spans would need a synchronisation and are not reported.
+``instrument(cache)`` reports the cache's layers to a :class:`StepTimes` through
+:func:`~momentkv.bench.regions.watch_layers` and returns it. The spans:
+
+- ``update``: the layer's ``update``: storing the new token and, with a budget, ranking and eviction (for
+  transformers' ``DynamicCache``, its append);
+- ``attention``: the attention function, from ``update`` returning to ``observe`` being called: the layer's
+  mask, then SDPA (or the family's eager attention), or on a step that scores, the single pass that gives the
+  output and the attention per cached token (the fused kernel on CUDA);
+- ``observe``: the scorers folding this step's attention into their state.
+
+Everything else in the wall time is the model (projections, norms, RoPE, MLP, the output head, Python) and
+``generate``'s own work. PyTorch's CPU ops run synchronously, so the wall-clock spans are exact on the CPU; on
+a GPU they would need a synchronisation at each boundary and are not reported there.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+
+from momentkv.bench.regions import MOMENTKV_REGIONS, Regions, watch_layers
 
 
-@dataclass
-class StepTimes:
-    """Seconds accumulated over a run (all layers)."""
+class StepTimes(Regions):
+    """Seconds accumulated over a run (all layers, prefill included) in each of momentkv's regions."""
 
-    update: float = 0.0  # storing the new token, incl. selection and eviction when the budget is full
-    observe: float = 0.0  # scoring: attention of the query to the cached tokens, scorers, normalisation
-    attention: float = 0.0  # the attention kernel itself (SDPA or eager), as the unpatched model runs it
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = dict.fromkeys(MOMENTKV_REGIONS, 0.0)
+        self._since = time.perf_counter()
 
-    @property
-    def own(self) -> float:
-        return self.update + self.observe
+    def close(self, region: str) -> None:
+        now = time.perf_counter()
+        if region in self.seconds:
+            self.seconds[region] += now - self._since
+        self._since = now
 
-
-def _timed(method, times: StepTimes, field: str):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            setattr(times, field, getattr(times, field) + time.perf_counter() - start)
-
-    return wrapper
+    update = property(lambda self: self.seconds["update"])
+    attention = property(lambda self: self.seconds["attention"])
+    observe = property(lambda self: self.seconds["observe"])
 
 
 def instrument(cache) -> StepTimes:
     """Time every layer of ``cache`` into one :class:`StepTimes`."""
     times = StepTimes()
-    for layer in cache.layers:
-        layer.update = _timed(layer.update, times, "update")
-        layer.observe = _timed(layer.observe, times, "observe")
-        layer.timer = times
+    watch_layers(cache, times)
     return times
