@@ -15,17 +15,25 @@ DEFAULT_PROMPT = "Write a long, detailed story about a lighthouse keeper who fin
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="tokens/s, KV bytes, peak memory and time split per policy")
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a local path / hub id")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt every run continues (default: a story)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="generated tokens per run")
-    p.add_argument("--policies", nargs="+", default=["full.yaml", "moment.yaml", "recency.yaml"])
+    p.add_argument("--policies", nargs="+", default=["full.yaml", "moment.yaml", "recency.yaml"],
+                   help="built-in names or policy files to compare; the ratios are against full.yaml if listed, "
+                   "else the unpatched model if run, else the first policy, and say which (attention-heavy: the "
+                   "last one is measured)")
     p.add_argument("--budget", type=int, default=None, help="override every policy's decode budget")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--unpatched", action="store_true", help="also run the model without momentkv")
+    p.add_argument("--repeats", type=int, default=3, help="runs per policy and length (the median is reported)")
+    p.add_argument("--unpatched", action="store_true", help="also time the model without momentkv")
+    p.add_argument("--no-op-counts", dest="op_counts", action="store_false",
+                   help="skip the untimed runs that count tensor operations per decode step (one per policy and "
+                   "length, plus the unpatched model)")
     p.add_argument("--attention-heavy", action="store_true",
                    help="run the attention-heavy benchmark (32q/8kv heads, head_dim 128) instead")
-    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768],
+                   help="attention-heavy: cached tokens before decoding")
     p.add_argument("--total-budget", type=int, default=1024, help="attention-heavy: prompt + decode tokens kept")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="folder for bench.csv, bench.png and bench.md (attention-heavy: .md and .json)")
     add_import_option(p)
     p.set_defaults(func=run)
 
@@ -58,12 +66,18 @@ def run(args: argparse.Namespace) -> int:
     except PolicyError as err:
         print(f"momentkv bench: {err}", file=sys.stderr)
         return 2
+    names = [p.name for p in policies]
+    repeated = sorted({n for n in names if names.count(n) > 1} | ({"unpatched"} & set(names)))
+    if repeated:
+        print(f"momentkv bench: results are keyed by policy name and {', '.join(map(repr, repeated))} would be "
+              "ambiguous; give each policy a distinct 'name' (and none the name 'unpatched')", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.attention_heavy:
         return _attention_heavy(args)
 
     from momentkv.bench import report
-    from momentkv.bench.runner import UNPATCHED, run_matrix
+    from momentkv.bench.runner import UNPATCHED, counting_runs, run_matrix
     from momentkv.models import load
 
     try:
@@ -74,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = tokenizer([args.prompt], return_tensors="pt")
     entries = ([UNPATCHED] if args.unpatched else []) + policies
     total = len(entries) * len(args.lengths) * args.repeats
+    total += counting_runs(entries, args.lengths) if args.op_counts else 0
     with tqdm(total=total, desc="bench runs", unit="run") as bar:
-        summaries = run_matrix(model, inputs, entries, args.lengths, args.repeats, progress=bar)
-    table = report.rows(summaries, reference="full" if any(p.name == "full" for p in policies) else policies[0].name)
+        summaries = run_matrix(model, inputs, entries, args.lengths, args.repeats, progress=bar,
+                               count_ops=args.op_counts)
+    reference = report.pick_reference(([UNPATCHED] if args.unpatched else []) + names)
+    table = report.rows(summaries, reference=reference)
     text = report.markdown_table(table)
     print(text)
     report.write_csv(table, args.out / "bench.csv")
