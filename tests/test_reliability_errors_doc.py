@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import momentkv
-from momentkv import PolicyError
+from momentkv import PolicyError, Scorer, register_scorer
 from models import prompts, tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +69,33 @@ def _no_layers():
     return model
 
 
+@register_scorer("errors_doc_wrong_shape")
+class _WrongShape(Scorer):
+    needs_attention = False
+
+    def update(self, ctx):
+        return ctx.positions[..., :1].float()
+
+
+def _wrong_shape():
+    model = tiny_model("llama")
+    with momentkv.patched(model, {"decode": {"budget": 2, "scorers": [{"type": "errors_doc_wrong_shape"}]}}):
+        model.generate(**prompts(1, 3), max_new_tokens=5)
+
+
+def _pickled():
+    import pickle
+
+    model = tiny_model("llama")
+    momentkv.patch(model)
+    pickle.dumps(model)
+
+
 TRIGGERS = {
+    "not_a_model": lambda: momentkv.patch(object()),
+    "base_model": _patch(lambda: tiny_model("llama").model),
+    "scorer_shape": _wrong_shape,
+    "pickled": _pickled,
     "compiled": _patch(lambda: torch.compile(tiny_model("llama"))),
     "dtype": _patch(lambda: tiny_model("llama").to(torch.float64)),
     "no_layers": _patch(_no_layers),

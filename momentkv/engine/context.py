@@ -38,3 +38,68 @@ def context_keep(compressor: PrefillCompressor, keys: torch.Tensor, positions: t
     ctx = PrefillContext(layer_idx=layer_idx, num_layers=num_layers, keys=keys, window_attention=attention,
                          valid=row_valid)
     return compressor.select(ctx, capacity).sort(dim=-1).values
+
+
+class ContextStage:
+    """The context half of :class:`~momentkv.engine.layer.EvictingLayer`: receiving chunks and finishing them.
+
+    With ``scope: decode`` context goes into the leading ``context_slots`` slots (a later chunk lands after
+    the earlier context, before the generated tokens); with ``scope: all`` it is appended and evictable.
+    """
+
+    def _receive_context(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q = key_states.shape[-2]
+        at = self.stored if self.plan.scope == "all" else self.context_slots
+        self.slots.insert(at, key_states, value_states, self.seen)
+        if self.plan.scope == "all":
+            self.scoring.append(q)
+        else:
+            self.context_slots += q
+        self._chunk = (at, q)  # its padding is read off the model's mask at attention time
+        self.seen += q
+        if self.generated == 0:
+            self.prompt_tokens = self.seen
+        self.in_context = True
+
+    def _finish_context(self) -> None:
+        """The chunk is complete: compress the context, then score from the next decode step on."""
+        self.in_context = False
+        region = self.context_slots if self.plan.scope == "decode" else (self.stored if self.generated == 0 else 0)
+        if region and self.plan.prefill.type != "keep":
+            valid = self.valid
+            keep = context_keep(self.plan.prefill, self.keys[:, :, :region], self.positions[..., :region],
+                                None if valid is None else valid[..., :region], self.window,
+                                self.plan.sliding_window, self.plan.layer_idx, self.plan.num_layers)
+            if keep is not None:
+                self._keep_context(keep, region)
+        if not self.scoring.started:
+            b, h, s = self.positions.shape
+            self.scoring.start(b, h, s - self.first_evictable, self.device)
+        if self.plan.scope == "all" and self.active:
+            # Context tokens enter the ranking as if the last context query were a decode step: each scorer
+            # folds in the attention that query gave them (TOVA's ranking of the prompt).
+            self.update_scores(self._last_attention if self.scoring.needs_step_attention else None)
+        self._last_attention = None
+
+    def _keep_context(self, keep: torch.Tensor, region: int) -> None:
+        """Keep the context slots ``keep`` ``(b, h, n)`` of the first ``region`` slots, and everything after."""
+        b, h, _ = keep.shape
+        rest = torch.arange(region, self.stored, device=keep.device).expand(b, h, -1)
+        self.slots.keep(torch.cat([keep, rest], dim=-1))
+        if self.plan.scope == "all":
+            if self.scoring.started:
+                self.scoring.keep(keep)
+        else:
+            self.context_slots = keep.shape[-1]
+
+    def _drop_dead_context(self) -> None:
+        """Sliding layers: drop the context tokens no query can see again (the oldest, in every head)."""
+        c = self.context_slots
+        if not c:
+            return
+        gone = self.positions[..., :c] <= self.seen - self.plan.sliding_window
+        count = int(gone.sum(-1).min())
+        if count:
+            b, h, _ = gone.shape
+            self.slots.keep(torch.arange(count, self.stored, device=gone.device).expand(b, h, -1))
+            self.context_slots -= count

@@ -19,12 +19,11 @@ def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
     kv = key.shape[1]
     groups = h // kv
     grouped = query.reshape(b, kv, groups * q, d)
-    if query.dtype == torch.float16:
-        # The unscaled q.k can pass float16's maximum (65504) where the scaled logit does not (SDPA scales
-        # first too): scale the query before the matmul, or the scores turn inf and then NaN.
-        logits = torch.matmul(grouped * scaling, key.transpose(-1, -2)).to(torch.float32)
-    else:
-        logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32).mul_(scaling)
+    if query.dtype != torch.float32:
+        # Half-precision logits lose the softmax its accuracy (and q.k may pass float16's 65504): accumulate
+        # in float32, as SDPA's CPU kernel does.
+        grouped, key = grouped.float(), key.float()
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scaling)
     return logits.view(b, kv, groups, q, key.shape[2])
 
 

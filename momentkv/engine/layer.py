@@ -1,8 +1,9 @@
 """The evicting cache layer: context kept whole, generated tokens held to a budget.
 
-One coordinator over parts with one job each: :mod:`~momentkv.engine.slots` (storage),
+A coordinator over parts with one job each: :mod:`~momentkv.engine.slots` (storage),
 :mod:`~momentkv.engine.scores` (scorer states), :mod:`~momentkv.engine.ranking` (protections and victims),
-:mod:`~momentkv.engine.masks` (the mask to attend with), :mod:`~momentkv.engine.context` (prefill compression).
+:mod:`~momentkv.engine.masks` (the mask to attend with), :mod:`~momentkv.engine.context` (context chunks and
+prefill compression), :mod:`~momentkv.engine.layer_base` (transformers' interface).
 
 With ``scope: decode`` the slots are ``[context | generated]``: context (the prompt and any later multi-token
 chunk, such as a new user turn) fills the leading slots and is never evicted at decode time; generated tokens
@@ -17,38 +18,28 @@ head (no reallocation); the attention function computes the output and hands thi
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from momentkv.engine import masks, ranking
-from momentkv.engine.context import context_keep
+from momentkv.engine.context import ContextStage
 from momentkv.engine.group_attention import group_attention
+from momentkv.engine.layer_base import SlotLayer
 from momentkv.engine.plan import LayerPlan
-from momentkv.engine.query_window import QueryWindow
-from momentkv.engine.scores import LayerScoring, ScoreInputs
-from momentkv.engine.slots import Slots
+from momentkv.engine.scores import ScoreInputs
+from momentkv.engine.stats import layer_stats
 from momentkv.errors import PolicyError
 
 
-class EvictingLayer(CacheLayerMixin):
+class EvictingLayer(ContextStage, SlotLayer):
     """One layer's KV cache under a :class:`~momentkv.engine.plan.LayerPlan` (see the module docstring)."""
 
-    is_compileable = False
-    is_croppable = False
-
     def __init__(self, plan: LayerPlan):
-        self.slots = Slots()
-        super().__init__()
-        self.plan = plan
-        self.is_sliding = plan.sliding_window is not None
-        self.scoring = LayerScoring(plan.scorers if plan.budget is not None else ())
-        self.window = QueryWindow(max(plan.prefill.window_size(), self.scoring.query_window))
+        super().__init__(plan)
         self.rules = ranking.Protections(plan.sinks, plan.recent, plan.sliding_window, plan.scope == "all",
                                          plan.granularity == "layer")
-        self.active = plan.budget is not None  # False: this cache will never reach the budget (see cache.py)
-        self.seen = 0  # tokens fed through this layer
+        self.active = plan.budget is not None  # False: this cache will not reach the budget (see ``expect``)
         self.prompt_tokens = 0  # length of the first prompt
         self.context_slots = 0  # leading slots holding context (scope: decode)
-        self.context_end: int | None = None  # tokens before this index are context, when the caller knows
+        self.context_end: int | None = None  # tokens before this index are context, when the caller says so
         self.in_context = True  # the last tokens fed were context
         self.generated = 0  # tokens fed one at a time
         self.evicted = 0  # tokens evicted per (batch row, KV head)
@@ -57,22 +48,9 @@ class EvictingLayer(CacheLayerMixin):
         self._last_attention: torch.Tensor | None = None  # last context query's attention (scope: all)
         self._scores_pending = False  # a token was written and its step's attention not yet folded in
 
-    keys = property(lambda self: self.slots.keys, lambda self, v: setattr(self.slots, "keys", v))
-    values = property(lambda self: self.slots.values, lambda self, v: setattr(self.slots, "values", v))
-    positions = property(lambda self: self.slots.positions)
-    valid = property(lambda self: self.slots.valid)
-    stored = property(lambda self: self.slots.stored)
-    scores = property(lambda self: self.scoring.step_total, doc="The every-step scorers' score of the last step.")
-
     @property
     def first_evictable(self) -> int:
         return 0 if self.plan.scope == "all" else self.context_slots
-
-    # ----------------------------------------------------------------- transformers' layer interface
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
-        self.slots.start(key_states, value_states)
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
         """Store ``key_states``/``value_states`` ``(batch, kv_heads, q, head_dim)``; return the whole layer.
@@ -85,7 +63,7 @@ class EvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self._is_context(q):
+        if self.seen == 0 or q > 1 or (self.context_end is not None and self.seen < self.context_end):
             self._receive_context(key_states, value_states)
         else:
             if self.in_context:
@@ -98,7 +76,7 @@ class EvictingLayer(CacheLayerMixin):
                 )
             self._receive_generated(key_states, value_states)
         self.peak_slots = max(self.peak_slots, self.stored)
-        return self.slots.keys, self.slots.values
+        return self.keys, self.values
 
     def expect(self, context_end: int, max_new_tokens: int | None = None) -> None:
         """Tokens before ``context_end`` are context; at most ``max_new_tokens`` follow (see ``EvictingCache``)."""
@@ -111,115 +89,21 @@ class EvictingLayer(CacheLayerMixin):
         reached = held > self.plan.budget_at(self.generated + max_new_tokens)
         self.active = reached or (self.active and self.generated > 0)  # scoring, once begun, never stops
 
-    def _is_context(self, q: int) -> bool:
-        """Multi-token chunks are context; so is every token before ``context_end`` when the caller set it."""
-        return self.seen == 0 or q > 1 or (self.context_end is not None and self.seen < self.context_end)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.stored + query_length, 0
-
-    def get_seq_length(self) -> int:
-        """Tokens seen (not stored): the model derives positions from it in manual loops."""
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        context_end, active = self.context_end, self.active
-        self.__init__(self.plan)
-        self.context_end, self.active = context_end, active
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("an evicting cache cannot be cropped: evicted tokens cannot be restored")
-
-    def _select_rows(self, pick) -> None:
-        if self.is_initialized:
-            self.slots.select_rows(pick)
-            self.scoring.select_rows(pick)
-            self.window.select_rows(pick)
-            if self._last_attention is not None:
-                self._last_attention = pick(self._last_attention)
-
-    # ----------------------------------------------------------------- context
-    def _receive_context(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        q = key_states.shape[-2]
-        at = self.stored if self.plan.scope == "all" else self.context_slots
-        self.slots.insert(at, key_states, value_states, self.seen)
-        if self.plan.scope == "all":
-            self.scoring.append(q)
-        else:
-            self.context_slots += q
-        self._chunk = (at, q)
-        self.seen += q
-        if self.generated == 0:
-            self.prompt_tokens = self.seen
-        self.in_context = True
-
-    def _finish_context(self) -> None:
-        """The chunk is complete: compress the context, then score from the next decode step on."""
-        self.in_context = False
-        region = self.context_slots if self.plan.scope == "decode" else (self.stored if self.generated == 0 else 0)
-        if region and self.plan.prefill.type != "keep":
-            keep = context_keep(self.plan.prefill, self.keys[:, :, :region], self.positions[..., :region],
-                                None if self.valid is None else self.valid[..., :region], self.window,
-                                self.plan.sliding_window, self.plan.layer_idx, self.plan.num_layers)
-            if keep is not None:
-                self._keep_context(keep, region)
-        if not self.scoring.started:
-            b, h, s = self.positions.shape
-            self.scoring.start(b, h, s - self.first_evictable, self.device)
-        if self.plan.scope == "all" and self.active:
-            # Context tokens enter the ranking as if the last context query were a decode step: each scorer
-            # folds in the attention that query gave them (TOVA's ranking of the prompt).
-            self.update_scores(self._last_attention if self.scoring.needs_step_attention else None)
-        self._last_attention = None
-
-    def _keep_context(self, keep: torch.Tensor, region: int) -> None:
-        b, h, _ = keep.shape
-        rest = torch.arange(region, self.stored, device=keep.device).expand(b, h, -1)
-        self.slots.keep(torch.cat([keep, rest], dim=-1))
-        if self.plan.scope == "all" and self.scoring.started:
-            self.scoring.keep(keep)
-        if self.plan.scope == "decode":
-            self.context_slots = keep.shape[-1]
-
-    def _drop_dead_context(self) -> None:
-        """Sliding layers: drop the context tokens no query can see again (the oldest, in every head)."""
-        c = self.context_slots
-        gone = ranking.dead(self.positions[..., :c], self.seen, self.plan.sliding_window)
-        count = int(gone.sum(-1).min()) if c else 0
-        if count:
-            b, h, _ = gone.shape
-            self.slots.keep(torch.arange(count, self.stored, device=gone.device).expand(b, h, -1))
-            self.context_slots -= count
-
-    # ----------------------------------------------------------------- generated tokens
     def _receive_generated(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        q = key_states.shape[-2]
         if self.is_sliding and self.plan.scope == "decode":
             self._drop_dead_context()
+        q, first = key_states.shape[-2], self.first_evictable
         count = self._evictions_needed(q)
-        if count == 1 and q == 1:
-            slot = ranking.lowest(self._ranked(1))  # (b, h, 1): the new token takes it, in place
-            self.slots.write(slot + self.first_evictable, key_states, value_states, self.seen)
+        if count == 1 and q == 1:  # steady state: the new token takes each head's lowest-ranked slot
+            slot = ranking.lowest(self._ranked(1))
+            self.slots.write(slot + first, key_states, value_states, self.seen)
             self.scoring.reset_slot(slot)
             self.evicted += 1
         else:
             if count:
                 kept, evicted = ranking.survivors(self._ranked(q), count)
-                b, h, _ = kept.shape
-                head = torch.arange(self.first_evictable, device=kept.device).expand(b, h, -1)
-                self.slots.keep(torch.cat([head, kept + self.first_evictable], dim=-1))
+                head = torch.arange(first, device=kept.device).expand(*kept.shape[:2], first)
+                self.slots.keep(torch.cat([head, kept + first], dim=-1))
                 self.scoring.keep(kept)
                 self.evicted += evicted
             self.slots.insert(self.stored, key_states, value_states, self.seen)
@@ -243,8 +127,7 @@ class EvictingLayer(CacheLayerMixin):
         return count
 
     def _inputs(self) -> ScoreInputs:
-        first = self.first_evictable
-        valid = self.valid
+        first, valid = self.first_evictable, self.valid
         return ScoreInputs(
             keys=self.keys[:, :, first:], values=self.values[:, :, first:], positions=self.positions[..., first:],
             valid=None if valid is None else valid[..., first:], now=self.seen - 1,
@@ -258,23 +141,20 @@ class EvictingLayer(CacheLayerMixin):
 
     def _ranked(self, incoming: int) -> torch.Tensor:
         inputs = self._inputs()
-        scores = self.scoring.total(inputs)
-        return ranking.rank(scores, inputs.positions, inputs.valid, self.rules, self.prompt_tokens, self.seen,
-                            incoming)
+        return ranking.rank(self.scoring.total(inputs), inputs.positions, inputs.valid, self.rules,
+                            self.prompt_tokens, self.seen, incoming)
 
     # ----------------------------------------------------------------- from the attention function
     def attention_mask(self, mask, query: torch.Tensor, key: torch.Tensor, additive: bool):
         """The mask to attend with (see :mod:`~momentkv.engine.masks`); learns a new chunk's padding first."""
-        q_len = query.shape[2]
         if self._chunk is not None:
-            start, length = self._chunk
-            self._chunk = None
+            (start, length), self._chunk = self._chunk, None
             valid = masks.key_validity(mask, length)
             if valid is not None:
                 self.slots.set_validity(start, valid)
-        if masks.transformers_mask_is_exact(mask, self.slots.in_order, q_len, key.shape[2]):
+        if masks.transformers_mask_is_exact(mask, self.slots.in_order, query.shape[2], key.shape[2]):
             return mask
-        return masks.positional_mask(self.positions, self.valid, self.seen, q_len, self.plan.sliding_window,
+        return masks.positional_mask(self.positions, self.valid, self.seen, query.shape[2], self.plan.sliding_window,
                                      query.shape[1] // key.shape[1], additive, query.dtype)
 
     def wants_step_attention(self, query: torch.Tensor) -> bool:
@@ -291,12 +171,10 @@ class EvictingLayer(CacheLayerMixin):
             if self.plan.scope == "all" and self.active and self.scoring.needs_step_attention:
                 # A row that is padding from end to end has a last context query that sees nothing.
                 self._last_attention = group_attention(query, key, mask, scaling, rows_may_be_empty=True)
-            return
-        if not self.active:
-            return
-        if attention is None and self.scoring.needs_step_attention:
-            attention = group_attention(query, key, mask, scaling)
-        self.update_scores(attention)
+        elif self.active:
+            if attention is None and self.scoring.needs_step_attention:
+                attention = group_attention(query, key, mask, scaling)
+            self.update_scores(attention)
 
     def update_scores(self, attention: torch.Tensor | None) -> None:
         """Fold one decode step into the scorers: ``attention`` ``(batch, kv_heads, S)`` over all stored slots.
@@ -305,29 +183,18 @@ class EvictingLayer(CacheLayerMixin):
         """
         self._scores_pending = False
         first = self.first_evictable
-        if attention is not None and first:
-            attention = attention[..., first:]
-        self.scoring.step(attention, self._inputs())
+        self.scoring.step(attention[..., first:] if attention is not None and first else attention, self._inputs())
 
-    # ----------------------------------------------------------------- reporting
+    def reset(self) -> None:
+        context_end, active = self.context_end, self.active
+        self.__init__(self.plan)
+        self.context_end, self.active = context_end, active
+
+    def _select_rows(self, pick) -> None:
+        super()._select_rows(pick)
+        if self._last_attention is not None:
+            self._last_attention = pick(self._last_attention)
+
     def stats(self) -> dict:
-        """Stored tokens, peak, evictions and bytes of this layer (per batch row and KV head)."""
-        kv_bytes = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-        prompt_stored = self.context_slots
-        if self.plan.scope == "all" and self.stored and not self.in_context:
-            # Decode eviction reaches the prompt: count the prompt tokens still held (the most of any head).
-            prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max())
-        elif self.plan.scope == "all":
-            prompt_stored = self.stored
-        return {
-            "layer": self.plan.layer_idx,
-            "seen": self.seen,
-            "stored": self.stored,
-            "prompt_stored": prompt_stored,
-            "generated_stored": self.stored - prompt_stored,
-            "peak": self.peak_slots,
-            "evicted": self.evicted,
-            "budget": self.plan.budget_at(self.generated),
-            "kv_bytes": kv_bytes,
-            "state_bytes": self.slots.bookkeeping_bytes() + self.scoring.nbytes(),
-        }
+        """Stored tokens, peak, evictions and bytes of this layer (see :mod:`~momentkv.engine.stats`)."""
+        return layer_stats(self)
