@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
-from momentkv import load_policy, testing
+from momentkv import PolicyError, load_policy, testing
 from momentkv.policy import dump_policy, loads_policy, policy_to_data
+from momentkv.prefill import PyramidKV
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -22,3 +24,22 @@ def test_dump_then_load_gives_the_same_policy(policy):
 def test_dump_is_stable(policy):
     text = dump_policy(policy)
     assert dump_policy(loads_policy(text)) == text
+
+
+def test_a_pyramid_schedule_loads_back_from_its_dump():
+    """A schedule replaces the capacity: the dump writes capacity: null beside it, and loads back."""
+    policy = loads_policy("prefill: {type: pyramidkv, schedule: [20, 10]}\n")
+    assert (policy.prefill.capacity, policy.prefill.schedule) == (None, [20, 10])
+    assert loads_policy(dump_policy(policy)) == policy
+    assert load_policy(policy_to_data(policy)) == policy
+    assert PyramidKV(schedule=(20, 10)) == policy.prefill  # Python API: a tuple is a list
+    assert PyramidKV().capacity == 1024 and PyramidKV().schedule is None
+    for text, expected in [
+        ("prefill: {type: pyramidkv, capacity: 64, schedule: [64, 32]}\n",
+         "t.yaml:1 prefill.schedule: give either capacity (a pyramid) or schedule"),
+        ("prefill: {type: pyramidkv, capacity: null}\n", "t.yaml:1 prefill.capacity: capacity is null"),
+        ("prefill: {type: pyramidkv, schedule: [8, 0]}\n", "t.yaml:1 prefill.schedule[1]: must be >= 1, got 0"),
+    ]:
+        with pytest.raises(PolicyError) as info:
+            loads_policy(text, "t.yaml")
+        assert [p for p in info.value.problems if p.startswith(expected)], info.value.problems

@@ -10,11 +10,19 @@ they keep it all and the top end rises to keep the average.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Annotated, Any
 
-from momentkv.prefill.base import resolve_capacity, register_prefill
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from momentkv.prefill.base import Capacity, resolve_capacity, register_prefill
 from momentkv.schedule import interpolate
 from momentkv.prefill.snapkv import SnapKV
+
+
+def _as_list(value: Any) -> Any:
+    """A tuple is a list in the Python API (strict validation would refuse it otherwise)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def pyramid_capacities(average: int, window: int, prompt_len: int, num_layers: int, beta: float) -> list[int]:
@@ -38,19 +46,37 @@ class PyramidKV(SnapKV):
     explicit ``schedule`` of per-layer capacities (interpolated linearly when it has fewer points than the
     model has layers)."""
 
+    capacity: Capacity | None = Field(
+        1024, description="Prompt tokens kept per layer and KV head on average (an integer, or a fraction of the "
+        "prompt length in (0, 1]); null when schedule gives the capacities."
+    )
     beta: float = Field(20.0, gt=1.0, description="Top layer keeps (capacity - window) / beta beyond the window.")
-    schedule: list[int] | None = Field(
+    schedule: Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_as_list)] | None = Field(
         None, min_length=1, description="Explicit prompt capacities from the bottom layer to the top, instead "
         "of the pyramid; fewer points than layers are interpolated."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_replaces_capacity(cls, data: Any) -> Any:
+        # A schedule stands in for the capacity: its default (1024) must not be stored beside it, or the
+        # policy's own dump (which writes every field) would name both and be refused.
+        if isinstance(data, dict) and data.get("schedule") is not None and "capacity" not in data:
+            return {**data, "capacity": None}
+        return data
+
     @model_validator(mode="after")
     def _schedule_or_capacity(self):
-        if self.schedule is not None:
-            if "capacity" in self.model_fields_set:
-                raise ValueError("give either capacity (a pyramid) or schedule (explicit per-layer capacities)")
-            if min(self.schedule) < 1:
-                raise ValueError("every capacity in schedule must be at least 1")
+        if self.schedule is not None and self.capacity is not None:
+            raise PydanticCustomError(
+                "schedule_or_capacity", "give either capacity (a pyramid) or schedule (explicit per-layer "
+                "capacities), not both", {"at": ("schedule",)},
+            )
+        if self.schedule is None and self.capacity is None:
+            raise PydanticCustomError(
+                "schedule_or_capacity", "capacity is null: give a capacity (a pyramid) or a schedule",
+                {"at": ("capacity",)},
+            )
         return self
 
     def layer_capacity(self, prompt_len: int, layer_idx: int, num_layers: int) -> int | None:
