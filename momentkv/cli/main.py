@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "eval_cmd",
     "bench_cmd",
     "report_cmd",
+    "tune_cmd",
 )
 
 

@@ -1,0 +1,200 @@
+"""``momentkv tune``: search the policy space for the most faithful policy at one budget, then confirm it.
+
+Trials run on the tune split at a cheap proxy (``--proxy-tokens``, ``--proxy-prompts``); the winner and the
+baselines then run on the held-out split at ``--new-tokens``. Written into ``--out``: ``best.yaml`` (the
+winning policy, its held-out KL and interval in a comment), ``tune.md`` (the best trials and the
+confirmation), ``summary.json``, ``study.db`` (the Optuna study: rerunning the same command resumes it) and
+``store/`` (the references and passes). Bad input ends with a message and exit code 2 before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tune", help="search the policy space (Optuna) and confirm the winner on held-out prompts",
+                              description=__doc__.split("\n\n")[0])
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=int, help="decode budget (generated tokens kept per layer and KV head)")
+    budget.add_argument("--total-budget", type=int,
+                        help="total KV tokens (prompt + generated); the space may then search scope: all")
+    p.add_argument("--space", default=None, help="search-space YAML (default: momentkv/tune/default_space.yaml)")
+    p.add_argument("--trials", type=int, default=40, help="finished trials the study should hold (resumes count)")
+    p.add_argument("--proxy-tokens", type=int, default=256, help="generated tokens per prompt during the search")
+    p.add_argument("--proxy-prompts", type=int, default=8, help="tune-split prompts used during the search")
+    p.add_argument("--new-tokens", type=int, default=1024, help="generated tokens per prompt in the confirmation")
+    p.add_argument("--confirm-prompts", type=int, default=None, help="held-out prompts in the confirmation (all)")
+    p.add_argument("--baselines", nargs="+", default=["recency.yaml", "moment.yaml"],
+                   help="policies the winner is compared with on the held-out prompts")
+    p.add_argument("--prompts", default=None, help="JSONL prompt file with tune and heldout splits (default: built-in)")
+    p.add_argument("--reference", choices=["greedy", "sample"], default="sample",
+                   help="how the full cache chooses the reference tokens (default: sample)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per batch (also the pruning granularity)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the reference and the bootstrap")
+    p.add_argument("--name", default="tuned", help="name of the winning policy")
+    p.add_argument("--out", required=True, help="output folder; rerunning with the same one resumes the study")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"momentkv tune: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check(args) -> str | None:
+    for flag in ("budget", "total_budget", "trials", "proxy_tokens", "proxy_prompts", "new_tokens", "batch_size",
+                 "confirm_prompts"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            return f"--{flag.replace('_', '-')} must be positive, got {value}"
+    return None
+
+
+def _spread(records, n: int):
+    """``n`` records taken alternately from each kind, so a proxy keeps free and grounded prompts."""
+    by_kind = {}
+    for r in records:
+        by_kind.setdefault(r.kind, []).append(r)
+    out, queues = [], [list(v) for v in by_kind.values()]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return [r for r in records if r in out]
+
+
+def run(args) -> int:
+    import torch
+
+    from momentkv.errors import PolicyError
+    from momentkv.eval.prompts import load_prompts
+    from momentkv.eval.sampling import Sampling
+    from momentkv.policy import load_policy
+    from momentkv.tune.space import load_space
+
+    problem = _check(args)
+    if problem:
+        return _fail(problem)
+    try:
+        space = load_space(args.space)
+        tune = _spread(load_prompts(args.prompts, split="tune"), args.proxy_prompts)
+        heldout = load_prompts(args.prompts, split="heldout")
+        heldout = heldout[: args.confirm_prompts] if args.confirm_prompts else heldout
+        for baseline in args.baselines:
+            load_policy(baseline)  # an unknown or invalid baseline fails here, before the model loads
+        baselines = list(args.baselines)
+        sampling = Sampling(args.temperature, args.top_p, args.seed) if args.reference == "sample" else None
+    except PolicyError as err:
+        return _fail(str(err))
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        return _fail("momentkv tune needs Optuna: pip install 'momentkv[tune]'")
+    from momentkv import models
+
+    try:
+        model, tokenizer = models.load(args.model)
+    except PolicyError as err:
+        return _fail(str(err))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, out,
+                   torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, out: Path, device) -> int:
+    from tqdm.auto import tqdm
+
+    from momentkv import models
+    from momentkv.eval.prompts import encode_prompts
+    from momentkv.eval.store import SavedEvaluation
+    from momentkv.policy import dump_policy, load_policy
+    from momentkv.tune import study as tuning
+
+    model.to(device)
+    log = lambda line: tqdm.write(line, file=sys.stderr)  # noqa: E731
+    memory = "total" if args.total_budget else "decode"
+    budget = args.total_budget or args.budget
+    encoded = encode_prompts(tokenizer, tune)
+    held_encoded = encode_prompts(tokenizer, heldout)
+    suppressed = models.eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch_size = 1 if memory == "total" else args.batch_size
+    text = Path(args.space).read_text() if args.space else space.source
+    setup = tuning.Setup(model_name=args.model, budget=budget, memory=memory, proxy_tokens=args.proxy_tokens,
+                         proxy_prompts=[r.id for r in tune], space=text, seed=args.seed)
+    try:
+        study = tuning.open_study(out, setup, args.seed)
+    except tuning.TuneInputError as err:
+        return _fail(str(err))
+    started = time.perf_counter()
+    store = SavedEvaluation.under(out / "store", args.model, args.proxy_tokens, sampling, tune, encoded, suppressed,
+                                  batch_size)
+    reference, _ = tuning.proxy_reference(model, store, encoded, tune, args.proxy_tokens, suppressed, pad_id,
+                                          batch_size, sampling)
+    objective = tuning.objective_fn(model, space, setup, reference, encoded, pad_id, batch_size, log=log)
+    todo = max(0, args.trials - tuning.finished(study))
+    log(f"momentkv tune: {tuning.finished(study)} trials already finished, {todo} to run "
+        f"({len(tune)} tune prompts x {args.proxy_tokens} tokens each)")
+    bar = tqdm(total=todo, unit="trial", desc="tune", dynamic_ncols=True)
+    study.optimize(objective, n_trials=todo, callbacks=[lambda s, t: bar.update(1)])
+    bar.close()
+    if tuning.finished(study) == 0 or not any(t.value is not None for t in study.trials):
+        return _fail("no trial finished: widen the search space or add trials")
+    best = study.best_trial
+    winner = dict(best.user_attrs["policy"], name=args.name)
+    search_seconds = time.perf_counter() - started
+    log(f"momentkv tune: best trial {best.number}, proxy KL {best.value:.4f}; confirming on {len(heldout)} "
+        f"held-out prompts x {args.new_tokens} tokens")
+    results, summary = tuning.confirm(model, winner, setup, heldout, held_encoded, args.new_tokens, suppressed,
+                                      pad_id, args.batch_size, sampling, out / "store", args.baselines, args.seed,
+                                      log=log)
+    summary.update(trial=best.number, proxy_kl=best.value, trials=tuning.finished(study),
+                   search_seconds=search_seconds, confirm_seconds=time.perf_counter() - started - search_seconds)
+    command = " ".join(shlex.quote(x) for x in ["momentkv", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] \
+        else "momentkv tune (called from Python)"
+    _write(out, winner, summary, study, results, command, dump_policy(load_policy(winner)))
+    print(f"wrote {out}/best.yaml: held-out KL {_fmt(summary['kl_active'])}")
+    return 0
+
+
+def _fmt(est: dict, digits: int = 4) -> str:
+    return f"{est['mean']:.{digits}f} [{est['low']:.{digits}f}, {est['high']:.{digits}f}]"
+
+
+def _write(out: Path, winner: dict, summary: dict, study, results, command: str, yaml_text: str) -> None:
+    from momentkv.eval.report import markdown_table
+    from momentkv.tune.study import to_tensor_free, trials_table
+
+    what = "total" if summary["memory"] == "total" else "decode"
+    header = [f"# Found by momentkv tune (trial {summary['trial']} of {summary['trials']}): proxy KL "
+              f"{summary['proxy_kl']:.4f} on the tune split.",
+              f"# Held-out: {summary['prompts']} prompts x {summary['steps']} tokens at {what} budget "
+              f"{summary['budget']}: KL (active steps) {_fmt(summary['kl_active'])}, 95% bootstrap interval."]
+    for name, other in summary["versus"].items():
+        rel = other["relative"]
+        header.append(f"# Against {name}: KL {_fmt(other['kl_active'])}; paired KL ratio - 1: "
+                      f"{100 * rel['mean']:+.1f}% [{100 * rel['low']:+.1f}, {100 * rel['high']:+.1f}]")
+    if summary["memory"] == "total" and yaml_text.find("scope: all") < 0:
+        header.append("# decode.budget holds the total budget: used alone, set it to the total minus the prompt length.")
+    header.append(f"# Command: {command}")
+    (out / "best.yaml").write_text("\n".join(header) + "\n" + yaml_text, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(to_tensor_free(summary), indent=1), encoding="utf-8")
+    md = [f"# momentkv tune: {summary['policy']}", "", "Command:", "", f"    {command}", "",
+          f"Search: {summary['trials']} finished trials in {summary['search_seconds']:.0f} s; the objective is the "
+          "mean over the tune prompts of the KL to the full cache over all steps at the proxy length.", "",
+          "## Best trials", "", trials_table(study), "",
+          f"## Held-out confirmation ({summary['prompts']} prompts, {summary['steps']} tokens, "
+          f"{summary['confirm_seconds']:.0f} s)", "", markdown_table(results, "all", "recency"), ""]
+    (out / "tune.md").write_text("\n".join(md), encoding="utf-8")

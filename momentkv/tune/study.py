@@ -1,0 +1,185 @@
+"""The search: Optuna trials scored on the tune split at a cheap proxy, the winner confirmed on held-out prompts.
+
+Each trial builds a policy from the search space (:mod:`momentkv.tune.space`) and replays the proxy
+reference (fewer tokens, fewer prompts) teacher-forced under it. Its objective is the mean over prompts of
+the KL to the full cache averaged over *all* steps, so every trial is scored on the same steps (averaging
+from the first eviction on would favour policies that evict later). After each batch of prompts the running
+mean is reported, and Optuna's median pruner stops a trial that is already worse than the median of earlier
+trials at the same point. The sampler is TPE (Bergstra et al., NeurIPS 2011), seeded.
+
+The study lives in an SQLite file in the output folder, and the references in a store beside it, so an
+interrupted run resumes where it stopped: finished trials are kept, a trial cut off mid-way is marked
+failed, and only the missing trials run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from momentkv.errors import PolicyError
+from momentkv.eval.aggregate import bootstrap, relative_difference
+from momentkv.eval.batches import make_batches
+from momentkv.eval.configs import build_configs, build_total_configs
+from momentkv.eval.report import prompt_values
+from momentkv.eval.replay import teacher_forced
+from momentkv.eval.runner import run_eval
+from momentkv.eval.store import SavedEvaluation
+from momentkv.tune.space import SearchSpace
+
+STUDY_NAME = "momentkv-tune"
+
+
+@dataclass
+class Setup:
+    """What a study searches for: fixed when the study is created, checked when it is resumed."""
+
+    model_name: str
+    budget: int
+    memory: str  # "decode" or "total"
+    proxy_tokens: int
+    proxy_prompts: list[str]  # ids
+    space: str  # the search space, as text
+    seed: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class TuneInputError(PolicyError):
+    """A study that cannot run as asked (e.g. an output folder holding another setup's study)."""
+
+
+def open_study(out: Path, setup: Setup, seed: int):
+    """Create the study in ``out/study.db``, or reopen it; a trial left running by a killed run is failed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=8),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+    saved = study.user_attrs.get("setup")
+    if saved is None:
+        study.set_user_attr("setup", setup.as_dict())
+    elif saved != setup.as_dict():
+        changed = sorted(k for k in saved if saved[k] != setup.as_dict().get(k))
+        raise TuneInputError(f"{out} holds a study of another setup (different {', '.join(changed)}); "
+                             "use another --out to start a new one")
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # cut off by an interruption
+    return study
+
+
+def finished(study) -> int:
+    import optuna
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
+def trial_config(space: SearchSpace, trial, setup: Setup, prompt_lengths: list[int]):
+    """The :class:`EvalConfig` of a trial's policy at the study's budget (PolicyError if invalid)."""
+    policy = space.policy(trial, setup.budget, name=f"trial{trial.number}")
+    if setup.memory == "total":
+        return build_total_configs([policy], [setup.budget], prompt_lengths)[0]
+    if policy["decode"].get("scope", "decode") == "all":
+        raise PolicyError("scope: all is searched at a total budget only (--total-budget)")
+    return build_configs([policy], [setup.budget])[0]
+
+
+def objective_fn(model, space: SearchSpace, setup: Setup, reference, encoded, pad_id: int, batch_size: int,
+                 log=print):
+    """The function Optuna minimises: mean over proxy prompts of the all-step KL, pruned batch by batch."""
+    import optuna
+
+    batches = make_batches(encoded, batch_size, pad_id, next(model.parameters()).device)
+    lengths = [len(e) for e in encoded]
+
+    def objective(trial) -> float:
+        try:
+            config = trial_config(space, trial, setup, lengths)
+        except PolicyError as err:
+            trial.set_user_attr("invalid", str(err))
+            log(f"trial {trial.number}: pruned, invalid policy ({err})")
+            raise optuna.TrialPruned(str(err)) from None
+        trial.set_user_attr("policy", config.policy.model_dump(mode="json"))
+        started = time.perf_counter()
+        per_prompt = []
+        for step, batch in enumerate(batches):
+            m = teacher_forced(model, config.runnable, [batch], reference, label=config.label)
+            per_prompt += m.kl[batch.rows].mean(dim=1).tolist()
+            trial.report(float(np.mean(per_prompt)), step)
+            if trial.should_prune():
+                log(f"trial {trial.number}: pruned after {len(per_prompt)} prompts (KL so far "
+                    f"{np.mean(per_prompt):.4f})")
+                raise optuna.TrialPruned()
+        value = float(np.mean(per_prompt))
+        log(f"trial {trial.number}: KL {value:.4f} ({time.perf_counter() - started:.0f} s)")
+        return value
+
+    return objective
+
+
+def proxy_reference(model, store: SavedEvaluation, encoded, records, steps, suppressed, pad_id, batch_size, sampling):
+    """The proxy reference, generated once and kept in the store (a resumed study reuses it)."""
+    configs = build_configs(["full.yaml"], None)
+    results = run_eval(model, encoded, records, configs, steps, suppressed, pad_id, batch_size=batch_size,
+                       free_run=False, progress=False, sampling=sampling, store=store)
+    reference = store.load_reference()
+    return reference, results
+
+
+def confirm(model, winner: dict, setup: Setup, heldout_records, heldout_encoded, steps, suppressed, pad_id,
+            batch_size, sampling, store_root: Path, baselines: list[str], seed: int, log=print):
+    """The winner and the baselines on the held-out prompts at the full length: results and a summary dict."""
+    lengths = [len(e) for e in heldout_encoded]
+    if setup.memory == "total":
+        configs = build_configs(["full.yaml"], None)
+        configs += build_total_configs([winner, *baselines], [setup.budget], lengths,
+                                       [r.id for r in heldout_records])
+        batch_size = 1 if any(c.prompt_policies is not None for c in configs) else batch_size
+    else:
+        configs = build_configs(["full.yaml", winner, *baselines], [setup.budget])
+    store = SavedEvaluation.under(store_root, setup.model_name, steps, sampling, heldout_records, heldout_encoded,
+                                  suppressed, batch_size)
+    results = run_eval(model, heldout_encoded, heldout_records, configs, steps, suppressed, pad_id,
+                       batch_size=batch_size, seed=seed, free_run=False, progress=False, sampling=sampling,
+                       store=store, log=log)
+    by_name = {r.config.name: r for r in results.results}
+    best = by_name[winner["name"]]
+    best_kl = prompt_values(best, "kl", "active")
+    summary = {"policy": winner["name"], "budget": setup.budget, "memory": setup.memory, "steps": steps,
+               "prompts": len(heldout_records), "kl_active": bootstrap(best_kl, seed).__dict__, "versus": {}}
+    for name in baselines:
+        label = Path(name).stem if isinstance(name, str) else name["name"]
+        other = by_name.get(label)
+        if other is None:
+            continue
+        rel = relative_difference(best_kl, prompt_values(other, "kl", "active"), seed)
+        summary["versus"][label] = {"kl_active": bootstrap(prompt_values(other, "kl", "active"), seed).__dict__,
+                                    "relative": rel.__dict__}
+    return results, summary
+
+
+def trials_table(study, limit: int = 15) -> str:
+    """The best finished trials, best first, with their policies in one line."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    done.sort(key=lambda t: t.value)
+    lines = ["| trial | KL (proxy, all steps) | policy |", "| --- | --- | --- |"]
+    for t in done[:limit]:
+        lines.append(f"| {t.number} | {t.value:.4f} | `{json.dumps(t.user_attrs.get('policy', {}).get('decode'))}` |")
+    return "\n".join(lines)
+
+
+def to_tensor_free(summary: dict) -> dict:
+    """``summary`` with every number a plain float (for JSON)."""
+    return json.loads(json.dumps(summary, default=lambda x: float(x) if isinstance(x, (np.floating, torch.Tensor))
+                                 else str(x)))
