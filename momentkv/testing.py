@@ -38,22 +38,21 @@ from __future__ import annotations
 
 import math
 import string
-import types
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import torch
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from momentkv.engine.layer import EvictingLayer
 from momentkv.engine.plan import LayerPlan, build_plans
+from momentkv.policy.annotations import Shape, field_shape
 from momentkv.policy.dump import policy_to_data
 from momentkv.policy.loader import PolicySource, load_policy
 from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+from momentkv.registry import registry_for
 from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
-from momentkv.scoring import Scorer, scorer_class, scorer_names
+from momentkv.scoring import ScoreContext, Scorer, scorer_class, scorer_names
 
 __all__ = [
     "DecodeTrace", "InvalidPolicy", "StepRecord", "TraceRun", "check_budget", "check_deterministic",
@@ -64,41 +63,41 @@ __all__ = [
 
 
 # ----------------------------------------------------------------- strategies: components from their fields
-def _value_strategy(annotation: Any, metadata: list) -> st.SearchStrategy | None:
-    """Values for one pydantic field, within its declared bounds; ``None`` when the type is not understood."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        args = get_args(annotation)
-        extra = [m for a in args[1:] for m in getattr(a, "metadata", [a])]
-        return _value_strategy(args[0], metadata + extra)
-    if origin in (Union, types.UnionType):
-        alternatives = [_value_strategy(a, metadata) for a in get_args(annotation)]
-        alternatives = [a for a in alternatives if a is not None]
+def _shape_strategy(shape: Shape) -> st.SearchStrategy | None:
+    """Values that ``shape`` accepts, within its declared bounds; ``None`` when the kind is not understood."""
+    bounds = shape.bounds
+    if shape.kind == "union":
+        alternatives = [s for s in map(_shape_strategy, shape.options) if s is not None]
         return st.one_of(alternatives) if alternatives else None
-    if annotation is type(None):
+    if shape.kind == "none":
         return st.none()
-    if origin is Literal:
-        return st.sampled_from(get_args(annotation))
-    bounds = {}
-    for meta in metadata:
-        for name in ("gt", "ge", "lt", "le"):
-            if isinstance(meta, getattr(annotated_types, name.capitalize())):
-                bounds[name] = getattr(meta, name)
-    low = bounds.get("gt", bounds.get("ge"))
-    high = bounds.get("lt", bounds.get("le"))
-    if annotation is bool:
+    if shape.kind == "literal":
+        return st.sampled_from(shape.choices)
+    if shape.kind == "bool":
         return st.booleans()
-    if annotation is int:
-        low = -64 if low is None else int(low) + ("gt" in bounds)
-        high = max(low, 64 if high is None else int(high) - ("lt" in bounds))
+    if shape.kind == "int":
+        low = -64 if bounds.low is None else int(bounds.low[0]) + (not bounds.low[1])
+        high = max(low, 64 if bounds.high is None else int(bounds.high[0]) - (not bounds.high[1]))
         return st.integers(low, min(high, low + 256))
-    if annotation is float:
+    if shape.kind == "float":
         return st.floats(
-            min_value=-16.0 if low is None else low, max_value=16.0 if high is None else high,
-            exclude_min="gt" in bounds, exclude_max="lt" in bounds, allow_nan=False, allow_infinity=False,
+            min_value=-16.0 if bounds.low is None else bounds.low[0],
+            max_value=16.0 if bounds.high is None else bounds.high[0],
+            exclude_min=bounds.low is not None and not bounds.low[1],
+            exclude_max=bounds.high is not None and not bounds.high[1], allow_nan=False, allow_infinity=False,
         )
-    if annotation is str:
+    if shape.kind == "str":
         return st.text(string.ascii_letters + string.digits + " _-", max_size=12)
+    if shape.kind == "list":
+        items = _shape_strategy(shape.item)
+        if items is None:
+            return None
+        low = bounds.min_length or 0
+        return st.lists(items, min_size=low, max_size=max(low, min(bounds.max_length or 6, 6)))
+    if shape.kind == "model" and registry_for(shape.model) is None:
+        model = shape.model
+        return component_params(model, skip=()).map(lambda params: _build(model, params)).filter(
+            lambda built: built is not None)
     return None
 
 
@@ -112,7 +111,7 @@ def component_params(cls: type[BaseModel], skip: tuple[str, ...] = ("type",)) ->
     for name, info in cls.model_fields.items():
         if name in skip:
             continue
-        values = _value_strategy(info.annotation, list(info.metadata))
+        values = _shape_strategy(field_shape(info))
         if values is not None:
             fields[name] = values if info.is_required() else st.one_of(st.nothing(), values)
     return st.fixed_dictionaries({}, optional=fields) if fields else st.just({})

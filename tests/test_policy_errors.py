@@ -82,6 +82,22 @@ def test_no_such_file_or_builtin():
         load_policy("no-such-policy.yaml")
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # the tags of unions never appear in a path (they used to: prefill.capacity.constrained-float)
+    ("prefill: {type: snapkv, capacity: '128'}\n",
+     "t.yaml:1 prefill.capacity: must be an integer (prompt tokens) or a number in (0, 1]"),
+    ("prefill: {type: knorm, capacity: 1.5}\n", "t.yaml:1 prefill.capacity: must be in (0, 1], got 1.5"),
+    ("decode:\n  budget: {ratio: 2.0}\n  scorers: [ema]\n", "t.yaml:2 decode.budget.ratio: must be in (0, 1], got 2.0"),
+    ("decode:\n  budget: 8\n  sinks: -1\n  scorers: [ema]\n", "t.yaml:3 decode.sinks: must be >= 0, got -1"),
+])
+def test_paths_are_the_fields_written(text, expected):
+    with pytest.raises(PolicyError) as info:
+        loads_policy(text, "t.yaml")
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+    for detail in info.value.details:  # only field names and indices: no union tag, no validator name
+        assert not any(tag in detail.path for tag in (":", "constrained", "tokens", "function", "-")), detail
+
+
 def test_alias_bomb_is_refused_quickly():
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 
 from momentkv import PolicyError, load_policy, testing
 from momentkv.policy import dump_policy, loads_policy, policy_to_data
@@ -43,3 +43,15 @@ def test_a_pyramid_schedule_loads_back_from_its_dump():
         with pytest.raises(PolicyError) as info:
             loads_policy(text, "t.yaml")
         assert [p for p in info.value.problems if p.startswith(expected)], info.value.problems
+
+
+def _first(strategy, condition):
+    """The first drawn example that meets ``condition`` (no shrinking: only whether one exists matters)."""
+    return find(strategy, condition, settings=settings(phases=[Phase.generate], database=None, max_examples=500))
+
+
+def test_the_strategies_draw_pyramid_schedules():
+    """The round trip above only proves what the strategies draw: PyramidKV with a schedule must be among it."""
+    compressors = testing.prefill_compressors(["pyramidkv"])
+    assert _first(compressors, lambda c: c.schedule is not None and len(c.schedule) > 1).capacity is None
+    assert _first(compressors, lambda c: c.schedule is None).capacity is not None

@@ -1,9 +1,10 @@
 """From pydantic's validation errors to :class:`~momentkv.errors.Problem` records: file, line, path, expectation.
 
 A pydantic error carries a ``loc`` such as ``('decode', 'budget', 'budget:ratio', 'cap')``: field names and
-list indices, interleaved with the tags of unions. :func:`data_path` walks the loc along the data that was
-validated, keeping the parts that exist there, which gives the path the user wrote
-(``decode.budget.cap``) and, through the marks the YAML reader recorded, its line. Errors of components
+list indices, interleaved with the tags of unions. :func:`~momentkv.policy.annotations.locate` walks the loc
+along the data that was validated and the schema together, keeping the parts that are places in the data,
+which gives the path the user wrote (``decode.budget.cap``), through the marks the YAML reader recorded its
+line, and the bounds expected there. Errors of components
 (scorers, prefill compressors) and of cross-field rules arrive as one custom error carrying their own
 problems with relative paths; they are expanded here, so every problem is reported on its own field.
 """
@@ -11,13 +12,12 @@ problems with relative paths; they are expanded here, so every problem is report
 from __future__ import annotations
 
 import difflib
-import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any
 
-import annotated_types
 from pydantic import BaseModel, ValidationError
 
 from momentkv.errors import Problem
+from momentkv.policy.annotations import Shape, locate, model_of, shape_of
 
 
 def format_path(path: tuple) -> str:
@@ -42,118 +42,33 @@ def show(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def data_path(loc: tuple, data: Any) -> tuple:
-    """The part of ``loc`` that names places in ``data`` (union tags dropped; a missing last key kept)."""
-    path: list = []
-    node = data
-    for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-            path.append(part)
-        elif i == len(loc) - 1 and isinstance(part, (str, int)) and not str(part).startswith("budget:"):
-            path.append(part)  # a missing field: the parent's line, the field's name
-            node = None
-        # else: a union tag or a validator name, not a place in the data
-    return tuple(path)
+def data_path(loc: tuple, data: Any, root: type[BaseModel] | None = None) -> tuple:
+    """The part of ``loc`` that names places in ``data``: union tags and validator names dropped, a missing
+    or unknown field's name kept (see :func:`~momentkv.policy.annotations.locate`)."""
+    return locate(shape_of(_root(root)), loc, data)[0]
 
 
-# ----------------------------------------------------------------- the schema behind a path
-def _unwrap(annotation: Any) -> list:
-    """The alternatives of an annotation, with Annotated/Optional/unions flattened."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return [alt for arg in get_args(annotation) for alt in _unwrap(arg)]
-    return [annotation]
+def _root(root: type[BaseModel] | None) -> type[BaseModel]:
+    if root is not None:
+        return root
+    from momentkv.policy.schema import Policy
 
-
-def _model_for(annotation: Any, value: Any) -> type[BaseModel] | None:
-    """The model class that validates ``value`` (a mapping) under ``annotation``, registries included."""
-    from momentkv.prefill.base import PrefillCompressor, prefill_class
-    from momentkv.scoring import Scorer, scorer_class
-
-    if not isinstance(value, dict):
-        return None
-    for alt in _unwrap(annotation):
-        if isinstance(alt, type) and issubclass(alt, BaseModel):
-            for base, lookup in ((Scorer, scorer_class), (PrefillCompressor, prefill_class)):
-                if issubclass(alt, base):
-                    try:
-                        return lookup(value.get("type"))
-                    except (KeyError, TypeError):
-                        return None
-            return alt
-    return None
-
-
-def _item_annotation(annotation: Any) -> Any:
-    for alt in _unwrap(annotation):
-        if get_origin(alt) is list:
-            return get_args(alt)[0]
-    return None
-
-
-def _annotation_at(root: type[BaseModel], path: tuple, data: Any) -> tuple[Any, Any]:
-    """``(annotation, value)`` at ``path``: the type the schema expects there and what the data holds."""
-    annotation: Any = root
-    value = data
-    for part in path:
-        if isinstance(part, str):
-            model = _model_for(annotation, value)
-            if model is None or part not in model.model_fields:
-                return None, None
-            annotation = model.model_fields[part].annotation
-            value = value.get(part)
-        else:
-            annotation = _item_annotation(annotation)
-            value = value[part] if isinstance(value, list) and 0 <= part < len(value) else None
-        if annotation is None:
-            return None, None
-    return annotation, value
+    return Policy
 
 
 def model_at(root: type[BaseModel], path: tuple, data: Any) -> type[BaseModel] | None:
     """The model class (registered component classes included) that validates the mapping at ``path``."""
-    annotation, value = _annotation_at(root, path, data)
-    return _model_for(annotation, value) if annotation is not None else None
+    _, shape = locate(shape_of(root), path, data)
+    if shape is None:
+        return None
+    node = data
+    for part in path:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    return model_of(shape, node)
 
 
-def constraints_at(root: type[BaseModel], path: tuple, data: Any) -> list:
-    """The annotated-types constraints (Gt, Le, ...) on the value at ``path``."""
-    if not path:
-        return []
-    if isinstance(path[-1], str):
-        model = model_at(root, path[:-1], data)
-        info = model.model_fields.get(path[-1]) if model is not None else None
-        return list(info.metadata) if info is not None else []
-    annotation, _ = _annotation_at(root, path, data)
-    metadata = []
-    while get_origin(annotation) is Annotated:
-        args = get_args(annotation)
-        for extra in args[1:]:
-            metadata.extend(getattr(extra, "metadata", [extra]))
-        annotation = args[0]
-    return metadata
-
-
-def _bounds(metadata) -> str | None:
-    low = high = None
-    for meta in metadata:
-        if isinstance(meta, annotated_types.Gt):
-            low = f"({meta.gt:g}"
-        elif isinstance(meta, annotated_types.Ge):
-            low = f"[{meta.ge:g}"
-        elif isinstance(meta, annotated_types.Lt):
-            high = f"{meta.lt:g})"
-        elif isinstance(meta, annotated_types.Le):
-            high = f"{meta.le:g}]"
-    if low and high:
-        return f"in {low}, {high}"
-    return None
+def _has(node, part) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
 
 
 _BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -165,11 +80,13 @@ _TYPE_WORDS = {
 }
 
 
-def describe(error: dict, root: type[BaseModel], path: tuple, data: Any) -> str:
-    """What was expected, in the policy's words, for one pydantic error."""
+def describe(error: dict, root: type[BaseModel], path: tuple, data: Any, shape: Shape | None = None) -> str:
+    """What was expected, in the policy's words, for one pydantic error (``shape``: what the schema expects
+    at the error's place, from :func:`~momentkv.policy.annotations.locate`)."""
     kind, ctx, got = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in _BOUND_WORDS:
-        bounds = _bounds(constraints_at(root, path, data))
+        interval = shape.bounds.interval() if shape is not None else None
+        bounds = f"in {interval}" if interval else None
         limit = next(iter(ctx.values()), "?")
         limit = f"{limit:g}" if isinstance(limit, float) else limit
         return f"must be {bounds or f'{_BOUND_WORDS[kind]} {limit}'}, got {show(got)}"
@@ -199,7 +116,7 @@ def describe(error: dict, root: type[BaseModel], path: tuple, data: Any) -> str:
         return f"at most {ctx.get('max_length')} characters"
     if kind == "string_pattern_mismatch":
         return "must be a single line"
-    if kind == "budget_form":
+    if kind in ("budget_form", "protection_form", "capacity_form"):
         return f"{error['msg']}, got {show(got)}"
     message = error["msg"]
     return message[len("Value error, "):] if message.startswith("Value error, ") else message
@@ -226,18 +143,16 @@ def problems_from_validation(
     err: ValidationError, data: Any, marks: dict[tuple, tuple[str, int]], origin: str, root: type | None = None,
 ) -> list[Problem]:
     """One :class:`Problem` per error of ``err`` (raised validating ``data``), placed with ``marks``."""
-    if root is None:
-        from momentkv.policy.schema import Policy
-
-        root = Policy
+    root = _root(root)
+    root_shape = shape_of(root)
     problems = []
     for error in _flatten(err.errors(include_url=False)):
-        path = data_path(error["loc"], data)
+        path, shape = locate(root_shape, error["loc"], data)
         mark = None
         for end in range(len(path), -1, -1):  # the deepest place the YAML reader saw
             mark = marks.get(path[:end])
             if mark is not None:
                 break
         where, line = mark if mark is not None else (origin, None)
-        problems.append(Problem(describe(error, root, path, data), where, line, format_path(path)))
+        problems.append(Problem(describe(error, root, path, data, shape), where, line, format_path(path)))
     return sorted(set(problems), key=lambda p: (p.origin, p.line or 0, p.path, p.message))

@@ -8,12 +8,11 @@ Only components defined inside momentkv are listed (a scorer a user registers is
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from momentkv.policy.annotations import Shape, field_shape
 from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
 from momentkv.prefill.base import prefill_class, prefill_names
 from momentkv.scoring import Scorer, scorer_class, scorer_names
@@ -32,47 +31,46 @@ _TYPE_NAMES = {
 }
 
 
-def _describe_type(annotation) -> str:
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _describe_type(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe_type(a) for a in get_args(annotation))
-    if origin is Literal:
-        return "one of " + ", ".join(f"`{a}`" for a in get_args(annotation))
-    if origin is list:
-        return f"list of {_describe_type(get_args(annotation)[0])}s"
-    simple = {int: "integer", float: "number", str: "text", bool: "true/false", type(None): "null"}
-    if annotation in simple:
-        return simple[annotation]
-    return getattr(annotation, "__name__", str(annotation))
+_KIND_NAMES = {"int": "integer", "float": "number", "str": "text", "bool": "true/false", "none": "null"}
+
+
+def _describe_type(shape: Shape) -> str:
+    if shape.kind == "union":
+        return " or ".join(_describe_type(option) for option in shape.options)
+    if shape.kind == "literal":
+        return "one of " + ", ".join(f"`{choice}`" for choice in shape.choices)
+    if shape.kind == "list":
+        return f"list of {_describe_type(shape.item)}s"
+    if shape.kind == "model":
+        return shape.model.__name__
+    return _KIND_NAMES.get(shape.kind, shape.kind)
 
 
 def _type_name(name: str, info) -> str:
-    return _TYPE_NAMES.get(name) or _describe_type(info.annotation)
+    return _TYPE_NAMES.get(name) or _describe_type(field_shape(info))
 
 
 def _range(info) -> str:
-    low = high = ""
+    """The field's own constraints (those on the whole value, not on a union's alternatives)."""
+    shape = field_shape(info)
+    bounds = shape.bounds
+    interval = bounds.interval()
+    if interval:
+        return interval
     parts = []
-    for meta in info.metadata:
-        for attr, word in (("gt", "> "), ("ge", ">= "), ("lt", "< "), ("le", "<= ")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                if attr in ("gt", "ge"):
-                    low = f"{'(' if attr == 'gt' else '['}{value:g}"
-                else:
-                    high = f"{value:g}{')' if attr == 'lt' else ']'}"
-                parts.append(f"{word}{value:g}")
-        unit = "characters" if info.annotation is str else "items"
-        for attr, word in (("min_length", "at least {} {}"), ("max_length", "at most {} {}")):
-            value = getattr(meta, attr, None)
-            if value is not None:
-                parts.append(word.format(value, unit))
-        if getattr(meta, "allow_inf_nan", None) is False:
-            parts.append("finite")
-    if low and high:
-        return f"{low}, {high}"
+    if bounds.low is not None:
+        value, inclusive = bounds.low
+        parts.append(f"{'>=' if inclusive else '>'} {value:g}")
+    if bounds.high is not None:
+        value, inclusive = bounds.high
+        parts.append(f"{'<=' if inclusive else '<'} {value:g}")
+    unit = "characters" if shape.kind == "str" else "items"
+    if bounds.min_length is not None:
+        parts.append(f"at least {bounds.min_length} {unit}")
+    if bounds.max_length is not None:
+        parts.append(f"at most {bounds.max_length} {unit}")
+    if bounds.finite:
+        parts.append("finite")
     return ", ".join(parts)
 
 

@@ -7,10 +7,10 @@ A policy has two phases:
   whose weighted sum ranks the rest. ``decode: null`` means no decode-time eviction (the full cache).
 
 Components (scorers, prefill compressors) are written ``{type: name, ...}`` and looked up in their registries
-at validation time, so a scorer registered after this module was imported (by a user, or through the
-``momentkv.scorers`` entry point) is as valid as a built-in one. A component's own validation errors are
-carried up with their field paths (see :func:`component_errors`), and cross-field rules report the exact field
-that breaks them, so the loader can point at a YAML line for each.
+(:mod:`momentkv.registry`) at validation time, so a component registered after this module was imported (by a
+user, or through the ``momentkv.scorers`` and ``momentkv.prefill`` entry points) is as valid as a built-in one.
+A component's own validation errors are carried up with their field paths (see :func:`component_errors`), and
+cross-field rules report the exact field that breaks them, so the loader can point at a YAML line for each.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
+from momentkv.prefill.base import PREFILL, KeepAll, PrefillCompressor
+from momentkv.registry import ComponentRegistry
 from momentkv.schedule import interpolate
-from momentkv.scoring import Scorer, scorer_class, scorer_names
+from momentkv.scoring import Scorer
+from momentkv.scoring.registry import SCORERS
 
 
 class _Frozen(BaseModel):
@@ -101,15 +103,13 @@ def component_errors(err: ValidationError) -> list[dict]:
     return err.errors(include_url=False)
 
 
-def _component_parser(base: type[BaseModel], lookup, names, what: str):
-    """A validator turning ``{type: name, ...}`` (or ``name``) into the class registered as ``name``."""
+def _component_parser(registry: ComponentRegistry):
+    """A validator turning ``{type: name, ...}`` (or ``name``) into the class ``registry`` holds as ``name``."""
+    base, what = registry.base, registry.kind
 
     def parse(value: Any) -> Any:
         if isinstance(value, base):
-            try:
-                registered = lookup(value.type)
-            except KeyError:
-                registered = None
+            registered = registry.resolve(value.type)
             if registered is not type(value):
                 raise PydanticCustomError(
                     "component_unregistered",
@@ -124,20 +124,23 @@ def _component_parser(base: type[BaseModel], lookup, names, what: str):
                 "component_form", "a {what} is a mapping with a type (type: name, ...) or a name", {"what": what}
             )
         kind = value.get("type")
-        known = ", ".join(names())
         if "type" not in value:
             raise PydanticCustomError(
-                "component_type_missing", "a {what} needs 'type', one of: {known}", {"what": what, "known": known}
+                "component_type_missing", "a {what} needs 'type', one of: {known}",
+                {"what": what, "known": ", ".join(registry.names())},
             )
-        try:
-            cls = lookup(kind) if isinstance(kind, str) else None
-        except KeyError:
-            cls = None
+        cls = registry.resolve(kind)
         if cls is None:
+            broken = registry.failure(kind) if isinstance(kind, str) else None
+            if broken is not None:  # an installed plugin declares it, but could not be loaded
+                raise PydanticCustomError(
+                    "component_plugin_broken", "{what} type {kind} cannot be used: {broken}",
+                    {"what": what, "kind": repr(kind), "broken": broken, "at": ("type",)},
+                )
             raise PydanticCustomError(
                 "component_type_unknown",
                 "unknown {what} type {kind}; known: {known}",
-                {"what": what, "kind": repr(kind), "known": known, "at": ("type",)},
+                {"what": what, "kind": repr(kind), "known": ", ".join(registry.names()), "at": ("type",)},
             )
         try:
             return cls.model_validate(value)
@@ -156,13 +159,8 @@ def _parse_scorers(value: Any) -> Any:
     return _listify(value)
 
 
-ScorerItem = Annotated[
-    SerializeAsAny[Scorer], BeforeValidator(_component_parser(Scorer, scorer_class, scorer_names, "scorer"))
-]
-PrefillItem = Annotated[
-    SerializeAsAny[PrefillCompressor],
-    BeforeValidator(_component_parser(PrefillCompressor, prefill_class, prefill_names, "prefill compressor")),
-]
+ScorerItem = Annotated[SerializeAsAny[Scorer], BeforeValidator(_component_parser(SCORERS))]
+PrefillItem = Annotated[SerializeAsAny[PrefillCompressor], BeforeValidator(_component_parser(PREFILL))]
 
 
 class DecodePolicy(_Frozen):

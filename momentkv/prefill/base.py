@@ -1,24 +1,47 @@
 """What a prefill compressor is, the registry of them, and the parts every compressor shares.
 
 A prefill compressor chooses, at the end of the prompt's forward pass, which prompt tokens each layer and
-KV head keeps. It is a pydantic model (its fields are its parameters) with three methods: ``window_size``
-(how many of the last prompt queries it reads), ``layer_capacity`` (how many prompt tokens a layer keeps)
-and ``select`` (which ones).
+KV head keeps. It is a pydantic model (its fields are its parameters, validated strictly as a scorer's are)
+with three methods: ``window_size`` (how many of the last prompt queries it reads), ``layer_capacity`` (how
+many prompt tokens a layer keeps) and ``select`` (which ones).
+
+The registry is a :class:`~momentkv.registry.ComponentRegistry`, with the rules scorers follow; installed
+packages add compressors through the entry-point group ``momentkv.prefill``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-_COMPRESSORS: dict[str, type["PrefillCompressor"]] = {}
+from momentkv.registry import ComponentRegistry
+
+
+def _capacity_kind(value: Any) -> str | None:
+    """Which form of capacity ``value`` is written in; ``None`` (one clear error) for neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "tokens"
+    if isinstance(value, float):
+        return "fraction"
+    return None
+
 
 #: A prompt budget: an integer is a number of tokens, a float in (0, 1] a fraction of the prompt's length.
-Capacity = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0.0, le=1.0)]
+#: Tagged by the Python type, so ``"128"`` or ``true`` gets one error naming both forms.
+Capacity = Annotated[
+    Annotated[int, Field(ge=1), Tag("tokens")] | Annotated[float, Field(gt=0.0, le=1.0), Tag("fraction")],
+    Discriminator(
+        _capacity_kind,
+        custom_error_type="capacity_form",
+        custom_error_message="must be an integer (prompt tokens) or a number in (0, 1] (a fraction of the prompt)",
+    ),
+]
 
 
 @dataclass
@@ -46,7 +69,8 @@ class PrefillContext:
 class PrefillCompressor(BaseModel):
     """Base class: choose the prompt tokens to keep. ``keep`` (the default) keeps all of them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict, as scorers: `window: true` or `capacity: "128"` in a policy file is a mistake, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     type: str
 
     def window_size(self) -> int:
@@ -96,27 +120,14 @@ def keep_top(scores: torch.Tensor, valid: torch.Tensor, capacity: int) -> torch.
     return ranked.topk(capacity, dim=-1).indices
 
 
-def register_prefill(name: str):
-    """Class decorator: make a :class:`PrefillCompressor` subclass available as ``prefill: {type: name}``."""
+PREFILL = ComponentRegistry(PrefillCompressor, "prefill compressor", "momentkv.prefill")
 
-    def decorate(cls):
-        registered = create_model(
-            cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, type=(Literal[name], name)
-        )
-        registered.__qualname__ = cls.__qualname__
-        _COMPRESSORS[name] = registered
-        return registered
-
-    return decorate
-
-
-def prefill_class(name: str) -> type[PrefillCompressor]:
-    """The compressor class registered as ``name``; ``KeyError`` if none is."""
-    return _COMPRESSORS[name]
-
-
-def prefill_names() -> list[str]:
-    return sorted(_COMPRESSORS)
+#: Class decorator: make a :class:`PrefillCompressor` subclass available as ``prefill: {type: name}``.
+register_prefill = PREFILL.register
+#: The compressor class registered as ``name``; ``KeyError`` if none is.
+prefill_class = PREFILL.get
+#: Names of all registered compressors (installed plugins included), sorted.
+prefill_names = PREFILL.names
 
 
 @register_prefill("keep")
