@@ -49,7 +49,7 @@ from momentkv.engine.plan import LayerPlan, build_plans
 from momentkv.policy.annotations import Shape, field_shape
 from momentkv.policy.dump import policy_to_data
 from momentkv.policy.loader import PolicySource, load_policy
-from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 from momentkv.registry import registry_for
 from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
 from momentkv.scoring import ScoreContext, Scorer, scorer_class, scorer_names
@@ -167,11 +167,36 @@ def _budgets(draw, protected: int, max_budget: int):
 
 
 @st.composite
+def _protections(draw):
+    """``(sinks, recent)``: integers, fractions of the budget, or one of each; fractions add up to at most 1
+    and leave room beside the sinks (the schema's rules for every budget)."""
+    kinds = draw(st.sampled_from([("tokens", "tokens"), ("tokens", "fraction"), ("fraction", "tokens"),
+                                  ("fraction", "fraction")]))
+    sinks = draw(st.integers(0, 6)) if kinds[0] == "tokens" else BudgetFraction(fraction=draw(st.floats(0.0, 0.25)))
+    if kinds[1] == "tokens":
+        recent = draw(st.integers(0, 12))
+    else:
+        room = 1.0 - (sinks.fraction if isinstance(sinks, BudgetFraction) else 0.0)
+        recent = BudgetFraction(fraction=draw(st.floats(0.0, min(room, 0.75))))
+    return sinks, recent
+
+
+def _smallest_budget(sinks, recent) -> int:
+    """The smallest budget that holds these protections (they grow with the budget when relative)."""
+    budget = 1
+    while True:
+        s, r = (p.tokens(budget) if isinstance(p, BudgetFraction) else p for p in (sinks, recent))
+        if budget >= s + max(r, 1):
+            return budget
+        budget += 1
+
+
+@st.composite
 def decode_policies(draw, scorer_names: list[str] | None = None, max_budget: int = 48, max_scorers: int = 3):
-    """Valid :class:`DecodePolicy` objects: every field drawn, cross-field rules respected."""
-    sinks = draw(st.integers(0, 6))
-    recent = draw(st.integers(0, 12))
-    budget = draw(_budgets(sinks + max(recent, 1), max_budget))
+    """Valid :class:`DecodePolicy` objects: every field drawn (protections as tokens or as fractions of the
+    budget), cross-field rules respected."""
+    sinks, recent = draw(_protections())
+    budget = draw(_budgets(_smallest_budget(sinks, recent), max_budget))
     smallest = min(budget) if isinstance(budget, list) else budget.floor if isinstance(budget, RatioBudget) else budget
     chosen = draw(
         st.lists(scorers(scorer_names), min_size=1, max_size=max_scorers).filter(
@@ -233,7 +258,7 @@ def invalid_policies(draw):
     i = draw(st.integers(0, n - 1))
     kind = draw(st.sampled_from([
         "negative", "unknown_field", "unknown_scorer", "weight_text", "protected", "cap", "literal", "alpha",
-        "duplicate_layer", "empty_name", "budget_bool", "scorer_field",
+        "duplicate_layer", "empty_name", "budget_bool", "scorer_field", "fraction", "prefill_bool",
     ]))
     if kind == "negative":
         field_name = draw(st.sampled_from(["sinks", "recent"]))
@@ -256,7 +281,7 @@ def invalid_policies(draw):
         decode.update(budget=budget, sinks=sinks, recent=budget - sinks + draw(st.integers(1, 8)), cadence=1)
         return InvalidPolicy(data, "decode.budget", "must be at least")
     if kind == "cap":
-        floor = max(decode["sinks"] + max(decode["recent"], 1), 2)
+        floor = max(_smallest_budget(policy.decode.sinks, policy.decode.recent), 2)
         decode.update(budget={"ratio": 0.5, "floor": floor, "cap": draw(st.integers(1, floor - 1))}, cadence=1)
         return InvalidPolicy(data, "decode.budget.cap", "must be at least floor")
     if kind == "literal":
@@ -277,6 +302,15 @@ def invalid_policies(draw):
     if kind == "budget_bool":
         decode["budget"] = draw(st.booleans())
         return InvalidPolicy(data, "decode.budget", "must be an integer, a {ratio, floor, cap} mapping")
+    if kind == "fraction":
+        field_name = draw(st.sampled_from(["sinks", "recent"]))
+        fraction = draw(st.one_of(st.floats(1.0, 1e6, exclude_min=True), st.floats(-1e6, 0.0, exclude_max=True)))
+        decode[field_name] = {"fraction": fraction}
+        return InvalidPolicy(data, f"decode.{field_name}.fraction", "must be in [0, 1]")
+    if kind == "prefill_bool":
+        field_name = draw(st.sampled_from(["window", "kernel", "capacity"]))
+        data["prefill"] = {"type": "snapkv", field_name: draw(st.booleans())}
+        return InvalidPolicy(data, f"prefill.{field_name}", "must be an integer")
     # scorer_field: a misspelt parameter
     decode["scorers"][i]["wieght"] = 1.0
     return InvalidPolicy(data, f"decode.scorers[{i}].wieght", "did you mean 'weight'")

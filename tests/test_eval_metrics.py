@@ -101,7 +101,7 @@ def test_free_running_comparison():
 
 def test_budget_override_scales_protections():
     h2o = with_budget(load_policy("h2o.yaml"), 32)
-    assert h2o.decode.budget == 32 and h2o.decode.recent == 16
+    assert h2o.decode.budget == 32 and h2o.decode.protections_for(32) == (0, 16)
     windowed = {"name": "w", "decode": {"budget": 128, "recent": 8, "scorers": [{"type": "ema", "alpha": 0.9}]}}
     tiny = with_budget(load_policy(windowed), 2)
     assert tiny.decode.budget == 2 and tiny.decode.recent == 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import Phase, find, given, settings
+from hypothesis import strategies as st
 from pydantic import Field, ValidationError
 
 import momentkv
-from momentkv import DecodePolicy, Policy, PolicyError, RatioBudget, load_policy
+from momentkv import DecodePolicy, Policy, PolicyError, RatioBudget, load_policy, testing
 from momentkv.engine.plan import build_plans
-from momentkv.policy import builtin_policy_names, dump_policy, loads_policy, summarize
+from momentkv.policy import BudgetFraction, builtin_policy_names, dump_policy, loads_policy, summarize
 from momentkv.scoring import EMA, Recency, scorer_class, scorer_names
 
 
@@ -71,7 +73,15 @@ def test_uncompressed_layers_keep_everything():
         ({"budget": 8, "scorers": [{"type": "ema", "normalize": "softmax"}]}, "decode.scorers[0].normalize",
          "must be 'none', 'sum', 'max', 'zscore' or 'rank'"),
         ({"budget": "128"}, "decode.budget", "must be an integer, a {ratio, floor, cap} mapping"),
-        ({"budget": 8, "sinks": True}, "decode.sinks", "must be an integer, got true"),
+        ({"budget": 8, "sinks": True}, "decode.sinks", "must be an integer (tokens) or {fraction: f}"),
+        ({"budget": 8, "recent": 4.0}, "decode.recent", "must be an integer, got 4.0"),
+        ({"budget": 8, "recent": {"fraction": 1.5}}, "decode.recent.fraction", "must be in [0, 1], got 1.5"),
+        ({"budget": 8, "recent": {"fraction": 0.5, "share": 1}}, "decode.recent.share", "unknown field"),
+        ({"budget": 8, "sinks": {"fraction": 0.5}, "recent": {"fraction": 0.75}}, "decode.recent.fraction",
+         "add up to 1.25"),
+        ({"budget": 8, "sinks": 4, "recent": {"fraction": 1.0}}, "decode.budget",
+         "at a budget of 8, sinks 4 and recent {fraction: 1} protect 4 + max(8, 1) = 12 tokens"),
+        ({"budget": [64, 6], "sinks": 4, "recent": {"fraction": 0.5}}, "decode.budget[1]", "protect 4 + max(3, 1)"),
         ({"budget": 8, "scorers": []}, "decode.scorers", "at least 1 item"),
     ],
 )
@@ -128,8 +138,6 @@ def test_registered_scorer_is_named_by_yaml_and_scored_by_the_layer():
     assert info.value.problems == ["o.yaml:4 decode.scorers[0].strength: must be > 0, got 0"]
 
     # The layer keeps the oldest generated tokens (besides the newest, always kept) with this scorer.
-    from momentkv import testing
-
     trace = testing.DecodeTrace(seed=3, batch=1, kv_heads=2, head_dim=4, prompt_len=3, steps=10,
                                 sharpness=(1.0,) * 10)
     run = testing.run_trace(policy, trace)
@@ -166,3 +174,62 @@ def test_policy_with_an_error_never_reaches_the_model():
     assert momentkv.handle_of(model) is None
     ids = torch.tensor([[5, 6, 7]])
     assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+def test_relative_protections_follow_each_layer_budget():
+    decode = DecodePolicy(budget=[64, 16], sinks=2, recent={"fraction": 0.5}, scorers=[EMA()])
+    assert decode.protections_for(64) == (2, 32)
+    assert decode.protections_for(RatioBudget(ratio=0.5, floor=10)) == (2, 5)  # a ratio budget: its floor
+    plans = build_plans(Policy(decode=decode), 4, [None] * 4)
+    assert [(p.budget, p.sinks, p.recent) for p in plans] == [(64, 2, 32), (48, 2, 24), (32, 2, 16), (16, 2, 8)]
+    assert [p.sinks + max(p.recent, 1) <= p.budget for p in plans] == [True] * 4
+    # 0.29 * 100 is 28.999999999999996 in floating point: still 29 tokens
+    assert DecodePolicy(budget=100, recent={"fraction": 0.29}, scorers=[EMA()]).protections_for(100) == (0, 29)
+
+
+def test_h2o_keeps_half_of_any_budget_it_is_extended_with():
+    """extends: h2o.yaml with a smaller budget stays H2O (half heavy hitters, half recent), not recency."""
+    for budget in (8, 64, 128, 1000):
+        policy = loads_policy(f"extends: h2o.yaml\ndecode:\n  budget: {budget}\n")
+        (plan,) = build_plans(policy, 1, [None])
+        assert (plan.budget, plan.sinks, plan.recent) == (budget, 0, budget // 2)
+    scope = load_policy("scope.yaml")
+    assert scope.decode.protections_for(scope.decode.budget) == (0, 32)
+
+
+@pytest.mark.parametrize("name", builtin_policy_names())
+def test_no_builtin_protects_its_whole_budget(name):
+    """A built-in whose protections swallow (nearly) its budget would rank nothing: keep room to rank."""
+    decode = load_policy(name).decode
+    if decode is None:
+        return
+    for budget in decode.layer_budget_minimums():
+        sinks, recent = decode.protections_for(budget)
+        assert sinks + recent <= budget // 2, (name, budget, sinks, recent)
+
+
+@given(sinks=st.one_of(st.integers(0, 8), st.builds(BudgetFraction, fraction=st.floats(0, 1))),
+       recent=st.one_of(st.integers(0, 8), st.builds(BudgetFraction, fraction=st.floats(0, 1))),
+       points=st.lists(st.integers(1, 80), min_size=1, max_size=4), layers=st.integers(1, 12))
+@settings(max_examples=200, deadline=None)
+def test_a_valid_policy_holds_its_protections_in_every_layer(sinks, recent, points, layers):
+    """The rules check the written budgets only; every interpolated layer budget then holds the protections."""
+    try:
+        decode = DecodePolicy(budget=points, sinks=sinks, recent=recent, scorers=[EMA()])
+    except ValidationError:
+        return
+    for plan in build_plans(Policy(decode=decode), layers, [None] * layers):
+        assert plan.sinks + max(plan.recent, 1) <= plan.budget, (decode, plan)
+
+
+def test_the_strategies_draw_every_decode_form():
+    """The property tests only prove what the strategies draw: relative protections and every budget form."""
+
+    def first(strategy, condition):  # the first drawn example that meets the condition (no shrinking)
+        return find(strategy, condition, settings=settings(phases=[Phase.generate], database=None, max_examples=500))
+
+    drawn = testing.decode_policies()
+    first(drawn, lambda d: isinstance(d.recent, BudgetFraction) and isinstance(d.sinks, BudgetFraction))
+    first(drawn, lambda d: isinstance(d.sinks, int) and isinstance(d.recent, BudgetFraction))
+    first(drawn, lambda d: isinstance(d.budget, RatioBudget) and d.budget.cap is not None)
+    first(drawn, lambda d: isinstance(d.budget, list) and len(d.budget) > 1)

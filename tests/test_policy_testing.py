@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from momentkv import load_policy, testing
-from momentkv.policy import builtin_policy_names
+from momentkv import DecodePolicy, load_policy, testing
+from momentkv.policy import BudgetFraction, builtin_policy_names
 
 _SMALL = {"decode": {"budget": 6, "sinks": 1, "recent": 2, "scorers": ["ema"]}}
 _TRACE = testing.DecodeTrace(seed=7, batch=2, kv_heads=2, head_dim=4, prompt_len=5, steps=20,
@@ -20,10 +20,14 @@ _TRACE = testing.DecodeTrace(seed=7, batch=2, kv_heads=2, head_dim=4, prompt_len
 def test_builtins_keep_their_promises(name):
     policy = load_policy(name)
     if policy.decode is not None and not isinstance(policy.decode.budget, list):
-        # shrink the budgets so that a short trace reaches them
-        decode = policy.decode.model_copy(update={"budget": 12, "recent": min(policy.decode.recent, 4),
-                                                  "sinks": min(policy.decode.sinks, 2)})
-        policy = policy.model_copy(update={"decode": decode})
+        # shrink the budgets so that a short trace reaches them (relative protections follow by themselves)
+        sinks, recent = policy.decode.sinks, policy.decode.recent
+        decode = policy.decode.model_copy(update={
+            "budget": 12, "cadence": min(policy.decode.cadence, 12),
+            "sinks": sinks if isinstance(sinks, BudgetFraction) else min(sinks, 2),
+            "recent": recent if isinstance(recent, BudgetFraction) else min(recent, 4),
+        })
+        policy = policy.model_copy(update={"decode": DecodePolicy.model_validate(decode.model_dump())})
     testing.check_invariants(policy, _TRACE, num_layers=2)
 
 

@@ -50,11 +50,13 @@ def build_plans(policy: Policy, num_layers: int, sliding_windows: list[int | Non
         if decode is None or idx in decode.uncompressed_layers:
             plans.append(LayerPlan(budget=None, **common))
             continue
+        budget = decode.budget_for_layer(idx, num_layers)
+        sinks, recent = decode.protections_for(budget)
         plans.append(
             LayerPlan(
-                budget=decode.budget_for_layer(idx, num_layers),
-                sinks=decode.sinks,
-                recent=decode.recent,
+                budget=budget,
+                sinks=sinks,
+                recent=recent,
                 cadence=decode.cadence,
                 granularity=decode.granularity,
                 scope=decode.scope,

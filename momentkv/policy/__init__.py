@@ -4,9 +4,9 @@ from momentkv.policy.dump import dump_policy, policy_to_data, summarize
 from momentkv.policy.loader import (
     builtin_policy_names, load_policy, loads_policy, merge_policy_data, validate_mapping,
 )
-from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 
 __all__ = [
-    "DecodePolicy", "Policy", "RatioBudget", "builtin_policy_names", "dump_policy", "load_policy",
+    "BudgetFraction", "DecodePolicy", "Policy", "RatioBudget", "builtin_policy_names", "dump_policy", "load_policy",
     "loads_policy", "merge_policy_data", "policy_to_data", "summarize", "validate_mapping",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 
 
 class _PolicyDumper(yaml.SafeDumper):
@@ -54,15 +54,10 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
         "decode": None,
     }
     if decode is not None:
-        budget = decode.budget
         out["decode"] = {
-            "budget": budget.model_dump(mode="python") if isinstance(budget, RatioBudget) else budget,
-            **{name: getattr(decode, name) for name in DecodePolicy.model_fields if name not in ("budget", "scorers")},
+            **decode.model_dump(mode="python", exclude={"scorers"}),  # field order; models as mappings
             "scorers": [_component(s) for s in decode.scorers],
         }
-        out["decode"]["uncompressed_layers"] = list(decode.uncompressed_layers)
-        if isinstance(budget, list):
-            out["decode"]["budget"] = list(budget)
     return out
 
 
@@ -81,6 +76,10 @@ def _describe_budget(decode: DecodePolicy) -> str:
     if isinstance(budget, list):
         return f"schedule {budget[0]}..{budget[-1]} over {len(budget)} points"
     return f"{budget} tokens"
+
+
+def _describe_protection(value: int | BudgetFraction) -> str:
+    return f"{value.fraction:g} of the budget" if isinstance(value, BudgetFraction) else str(value)
 
 
 def _describe_scorer(scorer) -> str:
@@ -105,7 +104,7 @@ def summarize(policy: Policy) -> str:
         return "; ".join(parts)
     parts.append(f"budget {_describe_budget(decode)}")
     if decode.sinks or decode.recent:
-        parts.append(f"sinks {decode.sinks}, recent {decode.recent}")
+        parts.append(f"sinks {_describe_protection(decode.sinks)}, recent {_describe_protection(decode.recent)}")
     if decode.cadence != 1:
         parts.append(f"cadence {decode.cadence}")
     if decode.granularity != "head" or decode.scope != "decode":

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from momentkv.policy.annotations import Shape, field_shape
-from momentkv.policy.schema import DecodePolicy, Policy, RatioBudget
+from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 from momentkv.prefill.base import prefill_class, prefill_names
 from momentkv.scoring import Scorer, scorer_class, scorer_names
 
@@ -42,7 +42,7 @@ def _describe_type(shape: Shape) -> str:
     if shape.kind == "list":
         return f"list of {_describe_type(shape.item)}s"
     if shape.kind == "model":
-        return shape.model.__name__
+        return "{fraction}" if shape.model is BudgetFraction else shape.model.__name__
     return _KIND_NAMES.get(shape.kind, shape.kind)
 
 
@@ -127,6 +127,8 @@ def render_reference() -> str:
         "### `decode`", "", field_table(DecodePolicy), "",
         "### Ratio budget (`decode.budget: {ratio, floor, cap}`)", "", _summary(RatioBudget), "",
         field_table(RatioBudget), "",
+        "### Relative protection (`decode.sinks` or `decode.recent: {fraction}`)", "", _summary(BudgetFraction), "",
+        field_table(BudgetFraction), "",
         "### Fields every scorer has", "",
         "`type` (required) is the name the scorer is registered under; the others:", "",
         field_table(Scorer, skip=("type",)), "",

@@ -73,6 +73,51 @@ PositiveInt = Annotated[int, Field(ge=1)]
 LayerIndex = Annotated[int, Field(ge=0)]
 
 
+class BudgetFraction(_Frozen):
+    """Protected tokens as a share of the layer's budget: ``floor(fraction * budget)`` tokens.
+
+    A protection written this way keeps its meaning when the budget changes (``extends`` with another
+    budget, a layer schedule, ``momentkv eval --budgets``): H2O's recent window stays half the budget rather
+    than swallowing a smaller one. A ratio budget protects against its ``floor``, the smallest it ever is.
+    """
+
+    fraction: float = Field(..., ge=0.0, le=1.0, description="Share of the layer's budget, in [0, 1].")
+
+    def tokens(self, budget: int) -> int:
+        # rounded before the floor: 0.29 * 100 is 28.999999999999996 in binary floating point
+        return math.floor(round(self.fraction * budget, 6))
+
+
+def _protection_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return "protect:tokens"  # a float is reported as "must be an integer", not as a form error
+    if isinstance(value, (dict, BudgetFraction)):
+        return "protect:fraction"
+    return None
+
+
+Protection = Annotated[
+    Annotated[Annotated[int, Field(ge=0)], Tag("protect:tokens")]
+    | Annotated[BudgetFraction, Tag("protect:fraction")],
+    Discriminator(
+        _protection_kind,
+        custom_error_type="protection_form",
+        custom_error_message="must be an integer (tokens) or {fraction: f} (a share of the layer's budget)",
+    ),
+]
+
+
+def protected_tokens(value: int | BudgetFraction, budget: int) -> int:
+    """Tokens that a ``sinks`` or ``recent`` value protects in a layer whose budget is ``budget`` tokens."""
+    return value.tokens(budget) if isinstance(value, BudgetFraction) else value
+
+
+def _show_protection(value: int | BudgetFraction) -> str:
+    return f"{{fraction: {value.fraction:g}}}" if isinstance(value, BudgetFraction) else str(value)
+
+
 def _budget_kind(value: Any) -> str | None:
     """Which form of budget ``value`` is written in; ``None`` for none of them."""
     if isinstance(value, bool):
@@ -172,9 +217,13 @@ class DecodePolicy(_Frozen):
         "that grows with the output; or a list of integers interpolated linearly from the first layer to the "
         "last (a layer budget schedule).",
     )
-    sinks: int = Field(0, ge=0, description="The first generated tokens, never evicted (attention sinks).")
-    recent: int = Field(
-        0, ge=0, description="The newest tokens, never evicted; the incoming token is always kept, so 0 acts as 1."
+    sinks: Protection = Field(
+        0, description="The first generated tokens, never evicted (attention sinks): a number of tokens, or "
+        "{fraction: f} of the layer's budget.",
+    )
+    recent: Protection = Field(
+        0, description="The newest tokens, never evicted: a number of tokens, or {fraction: f} of the layer's "
+        "budget (H2O: {fraction: 0.5}); the incoming token is always kept, so 0 acts as 1.",
     )
     cadence: int = Field(
         1, ge=1,
@@ -199,18 +248,7 @@ class DecodePolicy(_Frozen):
 
     @model_validator(mode="after")
     def _cross_field_rules(self):
-        problems = []
-        protected = self.sinks + max(self.recent, 1)
-        why = f"sinks + max(recent, 1) = {protected} tokens are protected"
-        if isinstance(self.budget, list):
-            where = [(("budget", i), b) for i, b in enumerate(self.budget)]
-        elif isinstance(self.budget, RatioBudget):
-            where = [(("budget", "floor"), self.budget.floor)]
-        else:
-            where = [(("budget",), self.budget)]
-        for at, value in where:
-            if value < protected:
-                problems.append((at, f"must be at least {protected} ({why}), got {value}"))
+        problems = self._protection_problems()
         smallest = min(self.layer_budget_minimums())
         if self.cadence > smallest:
             problems.append(
@@ -227,6 +265,48 @@ class DecodePolicy(_Frozen):
         if problems:
             raise rule_error(problems)
         return self
+
+    def _protection_problems(self) -> list[tuple[tuple, str]]:
+        """The budget must hold the protected tokens in every layer.
+
+        Each written budget is checked: an integer, each point of a schedule, a ratio budget's floor. That
+        covers every layer's interpolated budget, which lies between two points: with integer protections the
+        smallest point is the hardest; with one fraction, ``budget - protected`` never falls as the budget
+        grows (the fraction's share grows by at most one token per token of budget); with two, fractions
+        adding up to at most 1 (checked here) fit any budget once the sinks' fraction is below 1 (which
+        the points check).
+        """
+        problems = []
+        if isinstance(self.budget, list):
+            where = [(("budget", i), b) for i, b in enumerate(self.budget)]
+        elif isinstance(self.budget, RatioBudget):
+            where = [(("budget", "floor"), self.budget.floor)]
+        else:
+            where = [(("budget",), self.budget)]
+        relative = isinstance(self.sinks, BudgetFraction) or isinstance(self.recent, BudgetFraction)
+        if isinstance(self.sinks, BudgetFraction) and isinstance(self.recent, BudgetFraction):
+            total = self.sinks.fraction + self.recent.fraction
+            if total > 1.0:  # the cause of every budget they overflow: reported once, here
+                return [(("recent", "fraction"), f"sinks and recent fractions add up to {total:g}: together they "
+                                                 "may protect at most the whole budget (1)")]
+        for at, value in where:
+            sinks, recent = self.protections_for(value)
+            protected = sinks + max(recent, 1)
+            if value >= protected:
+                continue
+            if not relative:
+                why = f"sinks + max(recent, 1) = {protected} tokens are protected"
+                problems.append((at, f"must be at least {protected} ({why}), got {value}"))
+            else:
+                problems.append((at, f"cannot hold the protected tokens: at a budget of {value}, sinks "
+                                     f"{_show_protection(self.sinks)} and recent {_show_protection(self.recent)} "
+                                     f"protect {sinks} + max({recent}, 1) = {protected} tokens"))
+        return problems
+
+    def protections_for(self, budget: int | RatioBudget) -> tuple[int, int]:
+        """``(sinks, recent)`` in tokens for a layer whose budget is ``budget`` (a ratio budget: its floor)."""
+        tokens = budget.floor if isinstance(budget, RatioBudget) else budget
+        return protected_tokens(self.sinks, tokens), protected_tokens(self.recent, tokens)
 
     def layer_budget_minimums(self) -> list[int]:
         if isinstance(self.budget, list):
