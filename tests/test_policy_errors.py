@@ -170,3 +170,37 @@ def test_invalid_policies_name_the_expected_field(case):
     # the line named holds the offending key (or, for a list item, lies inside the list)
     last = case.path.rsplit(".", 1)[-1].split("[")[0]
     assert any(last in lines[d.line - 1] or lines[d.line - 1].lstrip().startswith("-") for d in placed), (text, placed)
+
+
+@pytest.mark.parametrize(("written", "value"), [
+    ("1e-6", 1e-6), ("5E-1", 0.5), ("-.5", -0.5), ("+.25", 0.25), ("2.5e-1", 0.25), ("1.0e-06", 1e-6),
+])
+def test_floats_are_read_as_yaml_1_2_reads_them(written, value):
+    """PyYAML (YAML 1.1) reads 1e-6 as text; users write floats that way and mean a number."""
+    policy = loads_policy(f"decode:\n  budget: 8\n  scorers:\n    - {{type: ema, weight: {written}}}\n")
+    assert policy.decode.scorers[0].weight == value
+    assert loads_policy(dump_policy(policy)) == policy
+
+
+def test_the_yaml_1_2_floats_keep_the_loader_strict():
+    with pytest.raises(PolicyError) as info:
+        loads_policy("decode:\n  budget: 1e3\n  cadence: 2\n  cadence: 1e-6\n  scorers: [ema]\n", "t.yaml")
+    assert info.value.problems == ["t.yaml:4 decode.cadence: duplicate key 'cadence' (first on line 3)"]
+    with pytest.raises(PolicyError, match=r"t\.yaml:2 decode\.budget: must be an integer, got 1000\.0"):
+        loads_policy("decode:\n  budget: 1e3\n  scorers: [ema]\n", "t.yaml")
+    assert loads_policy("name: 1e-6x\n").name == "1e-6x"  # not a number: text, as before
+    assert yaml.safe_load("x: 1e-6") == {"x": "1e-6"}  # PyYAML's own loader is left as it is
+
+
+def test_load_policy_takes_yaml_text_and_explains_one_line_yaml():
+    text = "name: inline\ndecode:\n  budget: 16\n  recent: {fraction: 0.25}\n  scorers: [ema]\n"
+    assert load_policy(text) == loads_policy(text)
+    assert load_policy(dump_policy(load_policy("h2o"))) == load_policy("h2o")
+    for one_line in ("name: x", "{decode: {budget: 8, scorers: [ema]}}"):
+        with pytest.raises(PolicyError) as info:
+            load_policy(one_line)
+        (problem,) = info.value.problems
+        assert "is neither a policy file nor a built-in policy" in problem
+        assert "YAML text is taken only when it spans several lines" in problem
+    with pytest.raises(PolicyError, match="no such policy file, and not a built-in policy"):
+        load_policy("my-policy.yaml")

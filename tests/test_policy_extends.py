@@ -15,7 +15,20 @@ def test_extends_builtin_overrides_only_what_it_names():
     assert policy.decode.budget == 64
     assert policy.decode.recent == base.decode.recent
     assert policy.decode.scorers == base.decode.scorers
-    assert policy.description == base.description
+    assert policy.description == "Extends moment.yaml, changing decode.budget."
+
+
+def test_description_is_inherited_only_while_the_method_is():
+    """The base's description describes the base's prefill and decode: a policy that changes either and
+    writes no description gets one saying what it changed, not the base's."""
+    assert loads_policy("extends: h2o\nname: mine\n").description == load_policy("h2o").description
+    assert loads_policy("extends: h2o\ndescription: Mine.\ndecode: {budget: 64}\n").description == "Mine."
+    changed = loads_policy("extends: moment\nprefill: {type: snapkv, capacity: 64}\n"
+                           "decode:\n  recent: 4\n  scorers: [recency]\n")
+    assert changed.description == "Extends moment.yaml, changing prefill, decode.recent, decode.scorers."
+    assert loads_policy("extends: moment\ndecode: null\n").description == "Extends moment.yaml, changing decode."
+    # through a chain, each step follows the rule
+    assert loads_policy("extends: snapkv-moment\nname: x\n").description == load_policy("snapkv-moment").description
 
 
 def test_merge_rules():

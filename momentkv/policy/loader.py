@@ -15,6 +15,7 @@ and overrides it; see :func:`merge_policy_data` for the rules.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -51,7 +52,8 @@ class PolicyData:
 
 
 class _DepthLimitedLoader(yaml.SafeLoader):
-    """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses)."""
+    """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses), and the
+    floats of YAML 1.2 (see :data:`_YAML12_FLOAT`)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -67,6 +69,13 @@ class _DepthLimitedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# PyYAML resolves plain scalars by YAML 1.1, whose floats need a dot and a signed exponent: `eps: 1e-6` and
+# `weight: -.5` would be read as text and refused. YAML 1.2 (and every other YAML reader people use) reads
+# them as numbers, as users write them. Only the forms 1.1 leaves as text are added; ints resolve first.
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)$")
+_DepthLimitedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
 
 
 def _yaml_problem(err: yaml.YAMLError, origin: str) -> Problem:
@@ -254,8 +263,33 @@ def _merged_marks(data: Any, base: dict, override: dict, path: tuple = ()) -> di
     return marks
 
 
+def _changed_paths(data: Any, path: tuple) -> list[str]:
+    """The fields ``data`` (an override, at ``path``) writes: leaves, with a component (a mapping with a
+    ``type``) named as a whole."""
+    if isinstance(data, dict) and data and "type" not in data:
+        return [p for key, value in data.items() for p in _changed_paths(value, path + (key,))]
+    return [format_path(path)]
+
+
+def _inherited_description(base_name: str, override: dict) -> str | None:
+    """The description an extending policy gets when it writes none: the base's while it keeps the base's
+    method, otherwise one that says what it changed (``None``: keep the base's).
+
+    A policy that changes ``prefill`` or ``decode`` is another method; the base's description would describe
+    what it no longer does.
+    """
+    if "description" in override or not any(key in override for key in ("prefill", "decode")):
+        return None
+    changed = [p for key in ("prefill", "decode") if key in override for p in _changed_paths(override[key], (key,))]
+    return f"Extends {base_name}, changing {', '.join(changed)}."
+
+
 def resolve_extends(doc: PolicyData, base_dir, chain: tuple[str, ...] = ()) -> PolicyData:
-    """Apply ``doc``'s ``extends`` (recursively); returns data without ``extends``."""
+    """Apply ``doc``'s ``extends`` (recursively); returns data without ``extends``.
+
+    Fields the extending policy writes replace the base's (:func:`merge_policy_data`); ``description`` follows
+    :func:`_inherited_description`.
+    """
     if "extends" not in doc.data:
         return doc
     data = dict(doc.data)
@@ -273,6 +307,9 @@ def resolve_extends(doc: PolicyData, base_dir, chain: tuple[str, ...] = ()) -> P
         raise PolicyError(Problem(f"extends cycle: {cycle}", origin, line, "extends"))
     base = resolve_extends(parse_policy_yaml(text, name), parent_dir, chain + (identity,))
     merged = merge_policy_data(base.data, data)
+    description = _inherited_description(name, data)
+    if description is not None:
+        merged["description"] = description
     return PolicyData(merged, doc.origin, _merged_marks(merged, base.marks, doc.marks))
 
 
@@ -298,18 +335,38 @@ def loads_policy(text: str, origin: str = "<text>", base_dir: str | Path | None 
     return validate_policy_data(resolve_extends(doc, Path(base_dir) if base_dir is not None else None, (origin,)))
 
 
-def load_policy(source: PolicySource) -> Policy:
-    """Return a validated, frozen :class:`Policy` from a Policy, a mapping, a path or a built-in name.
+def _looks_like_yaml(text: str) -> bool:
+    """A one-line string that reads as a YAML mapping (``name: x``, ``{decode: ...}``)."""
+    return text.lstrip().startswith("{") or re.search(r"\w:(\s|$)", text) is not None
 
-    A path is tried first; a bare name (``moment`` or ``moment.yaml``) that is no file is a built-in.
+
+def load_policy(source: PolicySource) -> Policy:
+    """Return a validated, frozen :class:`Policy` from a Policy, a mapping, YAML text, a path or a built-in name.
+
+    A string that spans several lines is YAML text (``extends`` relative to the working directory), as
+    :func:`loads_policy` reads it: no file or policy name holds a line break. Any other string is a path if
+    such a file exists, else a built-in name (``moment`` or ``moment.yaml``); a one-line string that is
+    neither but reads as YAML gets an error saying how to pass YAML text.
     """
     if isinstance(source, Policy):
         return source
     if isinstance(source, dict):
         return validate_mapping(source, "<dict>")
+    if isinstance(source, str) and ("\n" in source or "\r" in source):
+        return loads_policy(source, "<text>")
     if isinstance(source, (str, Path)):
-        name, text, parent_dir, identity = _open(str(source), None, str(source), None)
+        reference = str(source)
+        if isinstance(source, str) and not _is_file(Path(reference)) and _builtin_name(reference) is None \
+                and _looks_like_yaml(reference):
+            raise PolicyError(Problem(
+                f"{reference[:60]!r} is neither a policy file nor a built-in policy; it reads as YAML, but YAML "
+                "text is taken only when it spans several lines: write one field per line, or call "
+                "momentkv.policy.loads_policy(text)", "<text>",
+            ))
+        name, text, parent_dir, identity = _open(reference, None, reference, None)
         doc = parse_policy_yaml(text, name)
         return validate_policy_data(resolve_extends(doc, parent_dir, (identity,)))
-    raise PolicyError(f"a policy is a built-in name, a path, a dict or a Policy, got {type(source).__name__}")
+    raise PolicyError(
+        f"a policy is a built-in name, a path, YAML text, a dict or a Policy, got {type(source).__name__}"
+    )
 
