@@ -16,15 +16,16 @@ import torch
 def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """Scaled logits ``(batch, kv_heads, groups, q, S)`` float32 of ``query`` ``(b, heads, q, d)`` against ``key``."""
     b, h, q, d = query.shape
-    kv = key.shape[1]
+    kv, s = key.shape[1], key.shape[2]
     groups = h // kv
-    grouped = query.reshape(b, kv, groups * q, d)
+    grouped = query.reshape(b * kv, groups * q, d)
+    keys = key.reshape(b * kv, s, d)
     if query.dtype != torch.float32:
         # Half-precision logits lose the softmax its accuracy (and q.k may pass float16's 65504): accumulate
         # in float32, as SDPA's CPU kernel does.
-        grouped, key = grouped.float(), key.float()
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scaling)
-    return logits.view(b, kv, groups, q, key.shape[2])
+        grouped, keys = grouped.float(), keys.float()
+    logits = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scaling)  # one batched matmul, no broadcasting
+    return logits.view(b, kv, groups, q, s)
 
 
 def _apply_mask(logits: torch.Tensor, mask) -> torch.Tensor:
@@ -87,7 +88,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, sc
     """
     probs = grouped_probs(query, key, mask, scaling, rows_may_be_empty)  # (b, kv, g, q, S)
     b, kv, g, q, s = probs.shape
-    v = value if value.dtype == torch.float32 else value.to(torch.float32)
-    out = torch.matmul(probs.view(b, kv, g * q, s), v)  # (b, kv, g*q, d)
+    v = value.reshape(b * kv, s, value.shape[-1])
+    v = v if v.dtype == torch.float32 else v.to(torch.float32)
+    out = torch.bmm(probs.view(b * kv, g * q, s), v)  # (b*kv, g*q, d)
     out = out.view(b, kv * g, q, -1).transpose(1, 2)  # (b, q, heads, d); head = kv_idx * g + group_idx
     return out.to(value.dtype), probs

@@ -47,6 +47,7 @@ class EvictingLayer(ContextStage, SlotLayer):
         self._chunk: tuple[int, int] | None = None  # (first slot, length) of a chunk whose padding is unknown
         self._last_attention: torch.Tensor | None = None  # last context query's attention (scope: all)
         self._scores_pending = False  # a token was written and its step's attention not yet folded in
+        self._views: tuple | None = None  # (slot version, first evictable) and the ScoreInputs made for them
 
     @property
     def first_evictable(self) -> int:
@@ -127,13 +128,21 @@ class EvictingLayer(ContextStage, SlotLayer):
         return count
 
     def _inputs(self) -> ScoreInputs:
+        """What the scorers see; the tensor views are made again only when the slots' tensors were replaced."""
         first, valid = self.first_evictable, self.valid
-        return ScoreInputs(
+        key = (self.slots.version, first)
+        if self._views is not None and self._views[0] == key:
+            inputs = self._views[1]
+            inputs.now = self.seen - 1
+            return inputs
+        inputs = ScoreInputs(
             keys=self.keys[:, :, first:], values=self.values[:, :, first:], positions=self.positions[..., first:],
             valid=None if valid is None else valid[..., first:], now=self.seen - 1,
             layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers,
             window=self._window_attention if self.window.size else None,
         )
+        self._views = (key, inputs)
+        return inputs
 
     def _window_attention(self, last: int) -> torch.Tensor:
         attention = self.window.attention(last, self.keys, self.positions, self.valid, self.plan.sliding_window)

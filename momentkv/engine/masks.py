@@ -33,6 +33,8 @@ def positional_mask(positions: torch.Tensor, valid: torch.Tensor | None, seen: i
     Returns ``None`` when a single query may see every slot (SDPA then needs no mask), else
     ``(batch, heads, q_len, S)``.
     """
+    if q_len == 1 and valid is None and (window is None or seen <= window):
+        return None  # every stored token precedes the query: it sees them all
     q_pos = torch.arange(seen - q_len, seen, device=positions.device).view(1, 1, q_len, 1)
     pos = positions.unsqueeze(2)  # (b, h, 1, S)
     allowed = pos <= q_pos
@@ -40,8 +42,6 @@ def positional_mask(positions: torch.Tensor, valid: torch.Tensor | None, seen: i
         allowed = allowed & (pos > q_pos - window)
     if valid is not None:
         allowed = allowed & valid.unsqueeze(2)
-    if q_len == 1 and valid is None and (window is None or seen <= window) and bool(allowed.all()):
-        return None
     if groups > 1:
         allowed = allowed.repeat_interleave(groups, dim=1)
     if not additive:

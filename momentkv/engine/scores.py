@@ -88,7 +88,7 @@ class LayerScoring:
     def reset_slot(self, slot: torch.Tensor) -> None:
         """A new token took slot ``slot`` ``(b, h, 1)`` of each head: its states start at zero."""
         for state in self.states:
-            state.scatter_(-1, slot.expand(*state.shape[:-1], 1), 0.0)
+            state.scatter_(-1, slot if state.dim() == 3 else slot.expand(*state.shape[:-1], 1), 0.0)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the evictable slots ``index`` ``(b, h, n)``, in that order."""

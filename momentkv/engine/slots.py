@@ -26,12 +26,14 @@ class Slots:
         self.values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        self.version = 0  # bumped whenever a tensor is replaced (not on in-place writes): views stay valid
 
     def start(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Empty storage with the shape, dtype and device of the first ``(batch, kv_heads, q, head_dim)`` states."""
         b, h, _, d = key_states.shape
         self.keys = key_states.new_empty((b, h, 0, d))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.version += 1
 
     @property
     def stored(self) -> int:
@@ -52,6 +54,7 @@ class Slots:
     def _materialize(self) -> torch.Tensor:
         if self._positions is None:
             self._positions = self.positions.contiguous()
+            self.version += 1
         return self._positions
 
     def _names(self) -> list[str]:
@@ -75,6 +78,7 @@ class Slots:
             t = getattr(self, name)
             parts = [t, new[name]] if at == s else [t[:, :, :at], new[name], t[:, :, at:]]
             setattr(self, name, torch.cat(parts, dim=2))
+        self.version += 1
 
     def write(self, slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, position: int) -> None:
         """Overwrite slot ``slot`` ``(b, h, 1)`` of each head with one token ``(b, h, 1, d)``, in place."""
@@ -92,6 +96,7 @@ class Slots:
             t = getattr(self, name)
             idx = index if t.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
             setattr(self, name, t.gather(2, idx))
+        self.version += 1
 
     def set_validity(self, start: int, valid: torch.Tensor) -> None:
         """Mark slots ``[start, start + q)`` valid or padding: ``valid`` ``(batch, q)`` bool, for every head."""
@@ -100,11 +105,13 @@ class Slots:
                 return
             b, h, s, _ = self.keys.shape
             self.valid = torch.ones((b, h, s), dtype=torch.bool, device=self.keys.device)
+            self.version += 1
         self.valid[:, :, start : start + valid.shape[-1]] = valid.unsqueeze(1)
 
     def select_rows(self, pick) -> None:
         for name in self._names():
             setattr(self, name, pick(getattr(self, name)))
+        self.version += 1
 
     def bookkeeping_bytes(self) -> int:
         return sum(t.nbytes for t in (self._positions, self.valid) if t is not None)

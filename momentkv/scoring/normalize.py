@@ -7,17 +7,31 @@ import torch
 _EPS = 1e-12
 
 
+_RANK_STEPS: dict = {}
+
+
+def _rank_steps(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``0, 1/(T-1), ..., 1`` broadcast to ``shape``, made once per shape and device (the decode loop asks
+    for the same few shapes every step)."""
+    key = (tuple(shape), str(device))
+    steps = _RANK_STEPS.get(key)
+    if steps is None:
+        t = shape[-1]
+        steps = torch.arange(t, device=device, dtype=torch.float32).div_(max(t - 1, 1)).expand(shape)
+        if len(_RANK_STEPS) > 256:
+            _RANK_STEPS.clear()
+        _RANK_STEPS[key] = steps
+    return steps
+
+
 def rank_of(scores: torch.Tensor) -> torch.Tensor:
     """``(..., T)`` -> float32 ranks in ``[0, 1]`` along the last axis: 0 for the lowest, 1 for the highest.
 
     Ties keep their slot order. One sort and one scatter (the inverse permutation), not two sorts.
     """
-    t = scores.shape[-1]
     order = scores.argsort(dim=-1, stable=True)
-    steps = torch.arange(t, device=scores.device, dtype=torch.float32).div_(max(t - 1, 1))
-    return torch.empty(scores.shape, dtype=torch.float32, device=scores.device).scatter_(
-        -1, order, steps.expand(scores.shape)
-    )
+    out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+    return out.scatter_(-1, order, _rank_steps(scores.shape, scores.device))
 
 
 def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
