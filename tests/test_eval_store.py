@@ -102,3 +102,22 @@ def test_files_a_peer_runner_loads_by_path_import_no_momentkv(name):
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert imported <= {"__future__", "json", "os", "re", "pathlib", "numpy", "torch"}
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from momentkv.eval.report import pareto_front
+
+    points = [("fast-rough", 20.0, 0.5), ("slow-exact", 10.0, 0.1), ("dominated", 9.0, 0.6), ("middle", 15.0, 0.2)]
+    assert pareto_front(points) == ["fast-rough", "slow-exact", "middle"]
+
+
+def test_report_with_bench_speeds_plots_fidelity_against_speed(setup, tmp_path, capsys):
+    store, _ = _run(setup, tmp_path, ["full.yaml", "recency.yaml", "moment.yaml"])
+    bench = tmp_path / "bench.csv"
+    bench.write_text("policy,new_tokens,tokens_per_s\nfull,12,10.0\nrecency,12,12.0\nmoment,12,11.0\n")
+    report = tmp_path / "report"
+    assert main(["report", str(store.folder), "--out", str(report), "--bench", str(bench), "--bench-budget", "4"]) == 0
+    assert (report / "fidelity_vs_speed_B4.png").is_file()
+    assert "## Fidelity against speed at decode budget 4" in (report / "results.md").read_text()
+    assert main(["report", str(store.folder), "--out", str(report), "--bench", str(bench)]) == 2
+    assert "--bench and --bench-budget go together" in capsys.readouterr().err

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (created; files in it are replaced)")
     p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the tables")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--bench", default=None, help="a momentkv bench CSV: adds KL against tokens/s (Pareto front)")
+    p.add_argument("--bench-budget", type=int, default=None,
+                   help="the decode budget the bench CSV was measured at (required with --bench)")
     p.set_defaults(func=run)
 
 
@@ -33,9 +36,15 @@ def failures_section(failures: list[dict]) -> str:
 
 
 def run(args) -> int:
-    from momentkv.eval.report import write_outputs
+    from momentkv.eval.report import plot_fidelity_vs_speed, read_bench, write_outputs
     from momentkv.eval.store import load_saved
 
+    if (args.bench is None) != (args.bench_budget is None):
+        print("momentkv report: error: --bench and --bench-budget go together", file=sys.stderr)
+        return EXIT_USAGE
+    if args.bench is not None and not Path(args.bench).is_file():
+        print(f"momentkv report: error: {args.bench}: no such bench CSV", file=sys.stderr)
+        return EXIT_USAGE
     folder = Path(args.reference)
     try:
         results, failures = load_saved(folder, seed=args.seed)
@@ -49,8 +58,14 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(x) for x in ["momentkv", "report", str(folder), "--out", str(out)])
     write_outputs(results, out, command=command, baseline=args.baseline)
-    if failures:
-        md = out / "results.md"
-        md.write_text(md.read_text(encoding="utf-8") + "\n" + failures_section(failures), encoding="utf-8")
+    md = out / "results.md"
+    extra = failures_section(failures)
+    if args.bench is not None:
+        front = plot_fidelity_vs_speed(results, read_bench(Path(args.bench)), args.bench_budget,
+                                       out / f"fidelity_vs_speed_B{args.bench_budget}.png")
+        extra += (f"\n## Fidelity against speed at decode budget {args.bench_budget}\n\nSpeeds from {args.bench}. "
+                  f"Pareto front (no other policy both faster and more faithful): {', '.join(front) or 'none'}.\n")
+    if extra:
+        md.write_text(md.read_text(encoding="utf-8") + "\n" + extra, encoding="utf-8")
     print(f"wrote {out}/results.md ({len(results.results)} passes, {len(failures)} failed)")
     return 0

@@ -310,3 +310,55 @@ def write_outputs(results: EvalResults, out_dir: Path, command: str = "", baseli
     save_raw(results, raw)
     written.append(raw)
     return written
+
+
+def read_bench(path: Path) -> dict[str, float]:
+    """``policy -> tokens/s`` from a ``momentkv bench`` CSV (the first row of each policy)."""
+    speeds: dict[str, float] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            speeds.setdefault(row["policy"], float(row["tokens_per_s"]))
+    return speeds
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points ``(name, speed, kl)`` that no other point beats on both (faster and lower KL)."""
+    front = []
+    for name, speed, kl in points:
+        dominated = any(s >= speed and k <= kl and (s > speed or k < kl) for _, s, k in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def plot_fidelity_vs_speed(results: EvalResults, speeds: dict[str, float], budget: int, path: Path) -> list[str]:
+    """KL (active steps, 95% CI) against tokens/s for the configs at decode ``budget`` that ``speeds`` times;
+    the Pareto front is drawn as a line. Returns the names on the front (empty: nothing to plot)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for r in _budgeted(results, "decode"):
+        if r.config.budget == budget and r.config.name in speeds:
+            est = bootstrap(prompt_values(r, "kl", "active"), results.seed)
+            if not np.isnan(est.mean):
+                points.append((r.config.name, speeds[r.config.name], est))
+    if not points:
+        return []
+    front = pareto_front([(n, s, e.mean) for n, s, e in points])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, speed, est in points:
+        ax.errorbar([speed], [est.mean], yerr=[[est.mean - est.low], [est.high - est.mean]], marker="o", capsize=3,
+                    label=name)
+    line = sorted((s, e.mean) for n, s, e in points if n in front)
+    ax.plot([x for x, _ in line], [y for _, y in line], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("tokens/s (momentkv bench)")
+    ax.set_ylabel("KL(full || policy), steps with eviction")
+    ax.set_title(f"{results.model_name}: fidelity against speed at decode budget {budget}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return front
