@@ -17,8 +17,9 @@ What is checked (each also available alone, on a :class:`TraceRun` from :func:`r
   evictions when ``cadence > 1``);
 - :func:`check_protected`: the prompt (with ``scope: decode``), the ``sinks`` and the ``recent`` tokens are
   never evicted, and nothing at all is evicted from an uncompressed layer;
-- :func:`check_scores`: the scores are never NaN; with ``granularity: layer`` every KV head keeps the same
-  tokens;
+- :func:`check_scores`: each scorer, called alone on every step's tokens, returns finite scores shaped
+  ``(batch, kv_heads, tokens)`` and modifies nothing in its context but its state; the combined scores are
+  never NaN; with ``granularity: layer`` every KV head keeps the same tokens;
 - :func:`check_deterministic`: two runs of the same trace give the same cache, bit for bit;
 - :func:`check_matches_full_cache`: until the budget is reached, the cache equals the full cache.
 
@@ -501,7 +502,12 @@ def _prompt_kept(record: StepRecord, prompt_len: int) -> torch.Tensor:
 
 
 def check_scores(run: TraceRun) -> None:
-    """Scores are never NaN; with ``granularity: layer`` every KV head of a row keeps the same tokens."""
+    """Every scorer returns finite scores of the right shape and leaves its context alone; the combined scores
+    are never NaN; with ``granularity: layer`` every KV head of a row keeps the same tokens.
+
+    Each scorer is called on its own (:func:`_check_each_scorer`), so a scorer whose NaN or wrongly shaped
+    output a normalisation or another scorer's sum would hide is still caught, and named.
+    """
     for record in run.records:
         if record.scores is not None and bool(torch.isnan(record.scores).any()):
             _fail(run, record, "a score is NaN")
@@ -509,6 +515,80 @@ def check_scores(run: TraceRun) -> None:
             generated = record.positions.masked_fill(record.positions < run.trace.prompt_len, -1).sort(-1).values
             if not bool((generated == generated[:, :1]).all()):
                 _fail(run, record, "granularity: layer, yet the KV heads keep different tokens")
+    _check_each_scorer(run)
+
+
+def _evictable_slots(run: TraceRun, record: StepRecord) -> torch.Tensor:
+    """``(batch, kv_heads, tokens)`` int64: the slots of the evictable tokens, in slot order."""
+    positions = record.positions
+    if run.plan.scope == "all":
+        return torch.arange(positions.shape[-1]).expand(positions.shape).contiguous()
+    evictable = positions >= run.trace.prompt_len
+    counts = evictable.sum(-1)
+    if not bool((counts == counts.flatten()[0]).all()):
+        _fail(run, record, f"the KV heads hold different numbers of evictable tokens: {counts.tolist()}")
+    order = torch.sort((~evictable).to(torch.int8), dim=-1, stable=True).indices  # evictable slots first
+    return order[..., : int(counts.flatten()[0])]
+
+
+def _window_of(trace: DecodeTrace, step: int, positions: torch.Tensor, slots: torch.Tensor, limit: int):
+    """``ScoreContext.window_attention`` for a trace: the attention of the last queries (at most ``limit``),
+    each over the stored tokens at or before its own position, restricted to ``slots``."""
+
+    def window_attention(window: int) -> torch.Tensor:
+        if window > limit:
+            raise ValueError(f"asked for {window} queries, the scorer's query_window() is {limit}")
+        rows = []
+        for past in range(max(0, step - window + 1), step + 1):
+            liked = trace.logits[:, :, past].gather(-1, positions) * trace.sharpness[past]  # (b, h, S)
+            liked = liked.masked_fill(positions > trace.prompt_len + past, float("-inf"))
+            rows.append(torch.softmax(liked, dim=-1).nan_to_num(0.0).gather(-1, slots))  # (b, h, T)
+        return torch.stack(rows, dim=2).unsqueeze(2)  # (b, h, groups = 1, w, T)
+
+    return window_attention
+
+
+def _check_each_scorer(run: TraceRun) -> None:
+    """Replay the run's steps through each scorer alone, on a :class:`~momentkv.scoring.ScoreContext` built from
+    the trace: the tokens the layer kept after each step, the trace's attention, and per-token state that
+    follows each token (new tokens start at 0). Each call must return ``(batch, kv_heads, tokens)`` finite
+    scores and modify no tensor of the context but ``state``."""
+    plan, trace = run.plan, run.trace
+    if plan.budget is None:
+        return
+    total = trace.prompt_len + trace.steps
+    # per scorer, its state for every token of the trace: (channels, batch, kv_heads, total positions)
+    memories = [torch.zeros((scorer.state_channels, trace.batch, trace.kv_heads, total)) for scorer in plan.scorers]
+    for step, record in enumerate(run.records):
+        slots = _evictable_slots(run, record)  # (b, h, T)
+        positions = record.positions.gather(-1, slots)  # (b, h, T)
+        index = positions.unsqueeze(-1).expand(-1, -1, -1, trace.head_dim)
+        keys, values = trace.keys.gather(2, index), trace.values.gather(2, index)  # (b, h, T, d)
+        attention = trace.attention(step, record.positions).gather(-1, slots)  # (b, h, T)
+        for scorer, memory in zip(plan.scorers, memories):
+            channels = memory.shape[0]
+            state = memory.gather(-1, positions.unsqueeze(0).expand(channels, -1, -1, -1))  # (C, b, h, T)
+            state = state[0] if channels == 1 else state
+            window = _window_of(trace, step, record.positions, slots, scorer.query_window()) \
+                if scorer.query_window() else None
+            ctx = ScoreContext(
+                attention=attention.clone() if scorer.needs_attention else None, keys=keys.clone(),
+                values=values.clone(), state=state, positions=positions.clone(), now=trace.prompt_len + step,
+                layer_idx=plan.layer_idx, num_layers=plan.num_layers, window=window,
+            )
+            out = scorer.update(ctx)
+            what = f"scorer {scorer.type!r}"
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(positions.shape):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                _fail(run, record, f"{what} returned {got}, not (batch, kv_heads, tokens) = {tuple(positions.shape)}")
+            if not bool(torch.isfinite(out).all()):
+                _fail(run, record, f"{what} returned a score that is NaN or infinite")
+            for name, seen, given in (("attention", ctx.attention, attention), ("keys", ctx.keys, keys),
+                                      ("values", ctx.values, values), ("positions", ctx.positions, positions)):
+                if seen is not None and not torch.equal(seen, given):
+                    _fail(run, record, f"{what} modified ctx.{name}; a scorer may modify only ctx.state")
+            written = ctx.state if channels > 1 else ctx.state.unsqueeze(0)
+            memory.scatter_(-1, positions.unsqueeze(0).expand(channels, -1, -1, -1), written)
 
 
 def _same_records(a: list[StepRecord], b: list[StepRecord]) -> int | None:

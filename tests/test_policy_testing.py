@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+import momentkv
 from momentkv import DecodePolicy, load_policy, testing
 from momentkv.policy import BudgetFraction, builtin_policy_names
 
@@ -98,3 +99,89 @@ def test_check_matches_full_cache_catches_early_eviction():
     faked = dataclasses.replace(early, plan=run.plan)
     with pytest.raises(AssertionError, match="differs from the full cache"):
         testing._compare_with_full(faked)
+
+
+class _Flat(momentkv.Scorer):
+    """A bug: one score per head, ``(batch, kv_heads, 1)``, which broadcasts silently in a sum."""
+
+    needs_attention = False
+
+    def update(self, ctx):
+        return ctx.age[..., :1]
+
+
+class _NaN(momentkv.Scorer):
+    """A bug: NaN for the newest token, which ``normalize: rank`` turns into an ordinary rank."""
+
+    needs_attention = False
+
+    def update(self, ctx):
+        return torch.where(ctx.age == 0, float("nan"), -ctx.age)
+
+
+class _Meddler(momentkv.Scorer):
+    """A bug: scales the shared keys in place."""
+
+    needs_attention = False
+
+    def update(self, ctx):
+        ctx.keys.mul_(2.0)
+        return -ctx.age
+
+
+@pytest.mark.parametrize(("scorer", "message"), [
+    (_Flat(type="flat"), r"scorer 'flat' returned \(2, 2, 1\), not \(batch, kv_heads, tokens\) = \(2, 2, 2\)"),
+    (_NaN(type="nan", normalize="rank"), "scorer 'nan' returned a score that is NaN"),
+    (_Meddler(type="meddler"), "scorer 'meddler' modified ctx.keys"),
+])
+def test_check_scores_checks_each_scorer_on_its_own(scorer, message):
+    run = testing.run_trace({"decode": {"budget": 6, "scorers": [{"type": "recency"}]}}, _TRACE)
+    testing.check_scores(run)
+    # the same run, judged as if the plan had the faulty scorer too: check_scores calls each scorer itself
+    faulty = dataclasses.replace(run, plan=dataclasses.replace(run.plan, scorers=(*run.plan.scorers, scorer)))
+    with pytest.raises(AssertionError, match=message):
+        testing.check_scores(faulty)
+
+
+class _Counter(momentkv.Scorer):
+    """Counts its calls in its state: a token's count must be its age + 1 if the state follows the token."""
+
+    needs_attention = False
+
+    def update(self, ctx):
+        if not torch.equal(ctx.state, ctx.age):
+            raise AssertionError("the state did not follow its token")
+        return ctx.state.add_(1.0).clone()
+
+
+class _Windowed(momentkv.Scorer):
+    """Mean attention of the last three queries."""
+
+    def query_window(self):
+        return 3
+
+    def update(self, ctx):
+        window = ctx.window_attention(3)  # (batch, kv_heads, groups, w, tokens)
+        assert window.shape[:3] == (*ctx.keys.shape[:2], 1) and 1 <= window.shape[3] <= 3
+        assert window.shape[-1] == ctx.keys.shape[2]
+        return window.mean(dim=(2, 3))
+
+
+class _Greedy(_Windowed):
+    """Asks for more queries than its query_window() announced."""
+
+    def update(self, ctx):
+        return ctx.window_attention(4).mean(dim=(2, 3))
+
+
+def test_check_scores_gives_scorers_their_state_and_query_window():
+    """The state follows each token from step to step, and a windowed scorer gets the window it announced
+    (and no more)."""
+    run = testing.run_trace({"decode": {"budget": 6, "recent": 3, "scorers": [{"type": "ema", "alpha": 0.5}]}},
+                            _TRACE)
+    testing.check_scores(run)
+    for scorer in (_Counter(type="counter"), _Windowed(type="windowed")):
+        testing.check_scores(dataclasses.replace(run, plan=dataclasses.replace(run.plan, scorers=(scorer,))))
+    greedy = dataclasses.replace(run, plan=dataclasses.replace(run.plan, scorers=(_Greedy(type="greedy"),)))
+    with pytest.raises(ValueError, match="asked for 4 queries, the scorer's query_window\\(\\) is 3"):
+        testing.check_scores(greedy)
