@@ -63,8 +63,8 @@ def test_policies_doc_python_example_runs():
 
 def test_documented_error_message_is_the_real_one(custom_scorer_namespace):
     text = (DOCS / "custom-scorers.md").read_text(encoding="utf-8")
-    claimed = re.search(r"fails with `(peak\.yaml:[^`]*)`", text).group(1)
-    block = _blocks("custom-scorers.md", "yaml")[0].replace("decay: 0.9", "decay: 1.5")
+    claimed = re.search(r"fails with `(landmarks\.yaml:[^`]*)`", text).group(1)
+    block = _blocks("custom-scorers.md", "yaml")[0].replace("stride: 16", "stride: 1")
     with pytest.raises(momentkv.PolicyError) as info:
-        loads_policy(block, "peak.yaml")
+        loads_policy(block, "landmarks.yaml")
     assert info.value.problems == [claimed]
