@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
 from momentkv.cli.main import main
 from momentkv.policy import builtin_policy_names, load_policy, loads_policy
 
@@ -45,7 +49,34 @@ def test_show_prints_the_resolved_policy(tmp_path, capsys):
     assert main(["show", "no-such"]) == 1
 
 
-
 def test_validate_missing_file_fails(capsys):
     assert main(["validate", "no-such.yaml"]) == 1
     assert "no such policy file" in capsys.readouterr().err
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    import momentkv
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"momentkv {momentkv.__version__}"
+    assert momentkv.__version__ == version("momentkv")
+
+
+DOCUMENTED_COMMANDS = ("validate", "policies", "show", "bench", "eval", "demo")
+
+
+def test_every_option_of_these_commands_is_documented():
+    from momentkv.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    undocumented = [
+        f"{name} {action.option_strings or action.dest}"
+        for name in DOCUMENTED_COMMANDS for action in commands[name]._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert undocumented == []

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from momentkv import __version__
+
 # Each entry is a module of momentkv.cli with a ``register(subparsers)`` function.
 COMMAND_MODULES: tuple[str, ...] = (
     "policy_cmd",
@@ -23,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="momentkv", description="Bounded KV cache for long generation.")
+    parser.add_argument("--version", action="version", version=f"momentkv {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"momentkv.cli.{name}").register(subparsers)
