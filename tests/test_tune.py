@@ -44,29 +44,29 @@ def files(tmp_path):
 
 def _tune(out, files, *extra):
     prompts, space = files
-    return main(["tune", "--budget", "4", "--space", str(space), "--prompts", str(prompts), "--proxy-tokens", "10",
-                 "--proxy-prompts", "4", "--new-tokens", "12", "--batch-size", "2", "--out", str(out), *extra])
+    return main(["tune", "--budget", "4", "--space", str(space), "--prompts", str(prompts), "--proxy-tokens", "8",
+                 "--proxy-prompts", "2", "--new-tokens", "10", "--batch-size", "1", "--out", str(out), *extra])
 
 
 def test_tune_writes_a_valid_winner_with_its_held_out_interval_and_resumes(tmp_path, files, monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
     out = tmp_path / "out"
-    assert _tune(out, files, "--trials", "3") == 0
-    assert "3 to run" in capsys.readouterr().err
+    assert _tune(out, files, "--trials", "2") == 0
+    assert "2 to run" in capsys.readouterr().err
     best = (out / "best.yaml").read_text()
     policy = load_policy(out / "best.yaml")
     assert policy.name == "tuned" and policy.decode.budget == 4 and policy.decode.cadence in (1, 2)
     assert [s.type for s in policy.decode.scorers][0] == "ema" and 0.5 <= policy.decode.scorers[0].alpha <= 0.99
-    assert "# Held-out: 2 prompts x 12 tokens at decode budget 4: KL (active steps)" in best
+    assert "# Held-out: 2 prompts x 10 tokens at decode budget 4: KL (active steps)" in best
     assert "# Against recency:" in best and "paired KL ratio - 1" in best
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == 3 and summary["kl_active"]["mean"] > 0 and summary["proxy_kl"] > 0
+    assert summary["trials"] == 2 and summary["kl_active"]["mean"] > 0 and summary["proxy_kl"] > 0
     assert "## Best trials" in (out / "tune.md").read_text()
     # The same command with more trials continues the study: only the missing ones run, references are reused.
-    assert _tune(out, files, "--trials", "5") == 0
+    assert _tune(out, files, "--trials", "3") == 0
     err = capsys.readouterr().err
-    assert "3 trials already finished, 2 to run" in err
-    assert json.loads((out / "summary.json").read_text())["trials"] == 5
+    assert "2 trials already finished, 1 to run" in err
+    assert json.loads((out / "summary.json").read_text())["trials"] == 3
 
 
 def test_resuming_with_another_setup_exits_2(tmp_path, files, monkeypatch, capsys):
@@ -76,8 +76,8 @@ def test_resuming_with_another_setup_exits_2(tmp_path, files, monkeypatch, capsy
     out = tmp_path / "out"
     out.mkdir()
     prompts, space = files
-    open_study(out, Setup(model_name="smollm2", budget=6, memory="decode", proxy_tokens=10,
-                          proxy_prompts=["p0", "p1", "p2", "p3"], space=space.read_text(), seed=0), seed=0)
+    open_study(out, Setup(model_name="smollm2", budget=6, memory="decode", proxy_tokens=8,
+                          proxy_prompts=["p0", "p1"], space=space.read_text(), seed=0), seed=0)
     assert _tune(out, files, "--trials", "2") == 2
     err = capsys.readouterr().err
     assert "holds a study of another setup (different budget)" in err
