@@ -54,7 +54,7 @@ def test_rerun_loads_unchanged_passes_and_recomputes_changed_ones(setup, tmp_pat
 
 
 def test_another_prompt_set_gets_another_reference_folder(setup, tmp_path):
-    model, encoded, records = setup
+    _, encoded, records = setup
     a = SavedEvaluation.under(tmp_path, "tiny", STEPS, None, records, encoded, [2], 2)
     b = SavedEvaluation.under(tmp_path, "tiny", STEPS, None, records[:1], encoded[:1], [2], 2)
     c = SavedEvaluation.under(tmp_path, "tiny", STEPS + 1, None, records, encoded, [2], 2)

@@ -75,7 +75,7 @@ def test_resuming_with_another_setup_exits_2(tmp_path, files, monkeypatch, capsy
     monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
     out = tmp_path / "out"
     out.mkdir()
-    prompts, space = files
+    _, space = files
     open_study(out, Setup(model_name="smollm2", budget=6, memory="decode", proxy_tokens=8,
                           proxy_prompts=["p0", "p1"], space=space.read_text(), seed=0), seed=0)
     assert _tune(out, files, "--trials", "2") == 2
@@ -106,7 +106,7 @@ def test_the_default_space_is_valid():
 
 def test_bad_space_or_numbers_exit_2_before_loading_the_model(tmp_path, files, monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
-    prompts, space = files
+    _, space = files
     space.write_text("scorers:\n  nonesuch: {}\n")
     assert _tune(tmp_path / "out", files, "--trials", "2") == 2
     assert "scorers.nonesuch: unknown scorer" in capsys.readouterr().err

@@ -9,6 +9,7 @@ confirmation), ``summary.json``, ``study.db`` (the Optuna study: rerunning the s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -97,9 +98,7 @@ def run(args) -> int:
         sampling = Sampling(args.temperature, args.top_p, args.seed) if args.reference == "sample" else None
     except PolicyError as err:
         return _fail(str(err))
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("optuna") is None:
         return _fail("momentkv tune needs Optuna: pip install 'momentkv[tune]'")
     from momentkv import models
 

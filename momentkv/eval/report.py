@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from momentkv.eval.aggregate import Estimate, bootstrap, mean_curve, per_prompt_means, relative_difference
+from momentkv.eval.aggregate import bootstrap, mean_curve, per_prompt_means, relative_difference
 from momentkv.eval.repetition import REPETITION_N
 from momentkv.eval.runner import ConfigResult, EvalResults
 

