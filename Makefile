@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean
+.PHONY: demo test fuzz setup clean
 
 # Generate a long answer on the embedded SmolLM2 model with the full cache and with moment.yaml.
 demo: $(VENV)/.installed
@@ -12,6 +12,12 @@ demo: $(VENV)/.installed
 # The test suite (what CI runs).
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests -q
+
+# The property tests only, with fresh random examples and FUZZ_SCALE times as many as CI runs (4: about
+# ten minutes on two busy cores). A failure prints the example and the blob that replays it.
+FUZZ_SCALE ?= 4
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest tests -q --durations=12
 
 setup: $(VENV)/.installed
 

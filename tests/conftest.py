@@ -1,15 +1,46 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs the same examples every time (a gate must not flip on a new random draw); locally each run
-# explores new ones. HYPOTHESIS_PROFILE=explore in CI turns exploration back on.
+# explores new ones. HYPOTHESIS_PROFILE=explore in CI turns exploration back on. HYPOTHESIS_PROFILE=fuzz
+# (`make fuzz`) runs only the property tests, with fresh examples and FUZZ_SCALE (default 4) times as many
+# as each test asks for.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "explore"))
+settings.register_profile("fuzz", deadline=None, print_blob=True, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "explore")
+settings.load_profile(PROFILE)
+
+
+def pytest_collection_modifyitems(config, items):
+    if PROFILE != "fuzz":
+        return
+    scale = int(os.environ.get("FUZZ_SCALE", "4"))
+    kept, dropped, scaled = [], [], set()
+    for item in items:
+        test = getattr(item, "obj", None)
+        if not getattr(test, "is_hypothesis_test", False):
+            dropped.append(item)
+            continue
+        kept.append(item)
+        if id(test) in scaled:  # one function behind several parametrised items
+            continue
+        scaled.add(id(test))
+        # A test's own @settings(max_examples=n) outranks any profile, so the fuzz run scales the settings
+        # Hypothesis keeps on the test (an attribute of its wrapper: fail loudly if a release renames it).
+        own = getattr(test, "_hypothesis_internal_use_settings", None)
+        if own is None:
+            raise pytest.UsageError("HYPOTHESIS_PROFILE=fuzz cannot scale this Hypothesis release's examples")
+        test._hypothesis_internal_use_settings = settings(own, max_examples=own.max_examples * scale)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
