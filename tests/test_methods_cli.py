@@ -52,8 +52,10 @@ def test_import_a_module_by_name_from_the_current_folder(tmp_path, monkeypatch, 
     assert "cli_test_stride_name(stride=8)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["validate", "moment"], ["show", "moment"], ["bench", "--lengths", "4"]])
+@pytest.mark.parametrize("command", [["validate", "moment"], ["show", "moment"], ["bench", "--lengths", "4"],
+                                     ["eval", "--out", "TMP/never-written"]])
 def test_a_module_that_fails_to_import_exits_2(tmp_path, capsys, command):
+    command = [part.replace("TMP", str(tmp_path)) for part in command]
     broken = tmp_path / "cli_broken_scorers.py"
     broken.write_text("import momentkv\nraise RuntimeError('no GPU here')\n")
     code = main([command[0], "--import", str(broken), *command[1:]])
@@ -64,6 +66,7 @@ def test_a_module_that_fails_to_import_exits_2(tmp_path, capsys, command):
     assert "no_such_module_anywhere: cannot import it: ModuleNotFoundError" in capsys.readouterr().err
     assert main([command[0], "--import", str(tmp_path / "missing.py"), *command[1:]]) == 2
     assert "missing.py: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "never-written").exists()
 
 
 def test_a_module_registering_a_taken_name_is_reported(tmp_path, capsys):

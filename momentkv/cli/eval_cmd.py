@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from momentkv.cli.imports import add_import_option, import_modules
+
 EXIT_USAGE = 2
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
@@ -54,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, of torch and of a sampled reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_import_option(p)
     p.set_defaults(func=run)
 
 
@@ -109,6 +112,8 @@ def _command(args) -> str:
             parts += [flag, str(value)]
     if args.no_free_running:
         parts.append("--no-free-running")
+    for module in args.imports:
+        parts += ["--import", module]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -119,7 +124,7 @@ def run(args) -> int:
     from momentkv.eval.configs import build_configs, build_total_configs
     from momentkv.eval.prompts import encode_prompts, load_prompts
 
-    problem = _check_numbers(args)
+    problem = _check_numbers(args) or import_modules(args.imports)
     if problem:
         return _fail(problem)
     sources = [p for p in args.policies if Path(p).stem != "full" or Path(p).is_file()]
