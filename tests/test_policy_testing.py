@@ -11,8 +11,11 @@ from hypothesis import HealthCheck, given, settings
 import momentkv
 from momentkv import DecodePolicy, load_policy, testing
 from momentkv.policy import BudgetFraction, builtin_policy_names
+from momentkv.scoring import scorer_class, scorer_names
 
 _SMALL = {"decode": {"budget": 6, "sinks": 1, "recent": 2, "scorers": ["ema"]}}
+# momentkv's own scorers: other test modules register deliberately faulty ones in the same process.
+_BUILTIN_SCORERS = [n for n in scorer_names() if scorer_class(n).__module__.startswith("momentkv.")]
 _TRACE = testing.DecodeTrace(seed=7, batch=2, kv_heads=2, head_dim=4, prompt_len=5, steps=20,
                              sharpness=tuple(float(i % 4) * 5 for i in range(20)))
 
@@ -33,13 +36,14 @@ def test_builtins_keep_their_promises(name):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policy=testing.policies(decode=True), trace=testing.decode_traces(max_steps=32))
+@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True), trace=testing.decode_traces(max_steps=32))
 def test_drawn_policies_keep_their_promises(policy, trace):
     testing.check_invariants(policy, trace, num_layers=2)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policy=testing.policies(decode=True, prefill=True), trace=testing.decode_traces(max_steps=24))
+@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, prefill=True),
+       trace=testing.decode_traces(max_steps=24))
 def test_drawn_policies_with_prefill_compressors(policy, trace):
     testing.check_invariants(policy, trace, num_layers=2)
 
