@@ -18,7 +18,7 @@ arXiv 2505.24133) and G-KV (Liao et al., arXiv 2512.00504) score tokens at each 
 The window's own tokens (the ``w`` newest, whose queries form the window) are *fresh*: the methods keep them
 unconditionally and score only the tokens before the window, so a stateful scorer does not fold a fresh
 token's partial observation into its history; it scores a fresh token by its observation alone. Give such a
-policy ``recent >= window`` to keep the fresh tokens, as the methods do.
+policy ``recent: window + 1`` (the window's tokens and the incoming one) to keep them, as the methods do.
 
 Finally ``kernel > 1`` pools the scores over neighbouring tokens in sequence order (max or average, odd kernel,
 stride 1), as SnapKV and R-KV do, over the tokens that are neither fresh nor padding; slots are not in sequence
