@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from momentkv.engine.plan import build_plans
+from momentkv.patches import adapter_for
 from momentkv.policy import load_policy
 from momentkv.scoring.base import ScoreContext
 from momentkv.scoring.normalize import normalize_scores
@@ -29,7 +30,7 @@ class MaskingOracle:
         self.model = model
         self.policy = load_policy(policy)
         cfg = model.config
-        windows = [getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None] * cfg.num_hidden_layers
+        windows = adapter_for(cfg.model_type).sliding_windows(cfg)
         self.plans = build_plans(self.policy, cfg.num_hidden_layers, windows)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.batch, self.prompt_len = prompt_mask.shape
