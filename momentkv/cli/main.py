@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo_cmd",
     "eval_cmd",
     "bench_cmd",
+    "lm_eval_cmd",
     "report_cmd",
     "tune_cmd",
 )
