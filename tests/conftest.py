@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs the same examples every time (a gate must not flip on a new random draw); locally each run
 # explores new ones. HYPOTHESIS_PROFILE=explore in CI turns exploration back on. HYPOTHESIS_PROFILE=fuzz
-# (`make fuzz`) runs only the property tests, with fresh examples and FUZZ_SCALE (default 4) times as many
+# (`make fuzz`) runs only the property tests, with fresh examples and FUZZ_SCALE (default 3) times as many
 # as each test asks for.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
@@ -24,7 +24,7 @@ settings.load_profile(PROFILE)
 def pytest_collection_modifyitems(config, items):
     if PROFILE != "fuzz":
         return
-    scale = int(os.environ.get("FUZZ_SCALE", "4"))
+    scale = int(os.environ.get("FUZZ_SCALE", "3"))
     kept, dropped, scaled = [], [], set()
     for item in items:
         test = getattr(item, "obj", None)

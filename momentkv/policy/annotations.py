@@ -104,8 +104,6 @@ def _flatten_metadata(metadata) -> list:
     for meta in metadata:
         inner = getattr(meta, "metadata", None)
         out.extend(inner if isinstance(inner, list) else [meta])
-        if getattr(meta, "allow_inf_nan", None) is False:
-            out.append(meta)
     return out
 
 
