@@ -122,6 +122,29 @@ def test_cli_passes_help_through_to_lm_eval(capsys):
     assert "lm-eval" in capsys.readouterr().out
 
 
+def test_shipped_tasks_join_the_task_folders_the_command_names(tmp_path):
+    from argparse import Namespace
+
+    from momentkv.cli.lm_eval_cmd import _with_shipped_tasks
+
+    ours = str(TASKS_DIR)
+    for given, expected in ((None, [ours]), ("/my/tasks", ["/my/tasks", ours]), ([ours], [ours])):
+        parsed = Namespace(include_path=given, config=None)
+        _with_shipped_tasks(parsed, ours)
+        assert parsed.include_path == expected
+    config = tmp_path / "run.yaml"
+    config.write_text("include_path: /from/config\n")
+    parsed = Namespace(include_path=None, config=str(config))
+    _with_shipped_tasks(parsed, ours)
+    assert parsed.include_path == ["/from/config", ours]
+
+
+def test_cli_without_lm_eval_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval._cli", None)  # import fails as if lm-eval were absent
+    assert main(["lm-eval", "--model", "momentkv", "--tasks", "momentkv_tally"]) == 2
+    assert 'pip install "momentkv[lm-eval]"' in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- model class
 def test_full_policy_scores_and_answers_equal_plain_hf(tiny_dir, tasks):
     plain = _evaluate("hf", tasks, model_args={"pretrained": tiny_dir})
