@@ -54,9 +54,11 @@ def test_reached_budget_changes_distribution(results, label):
     r = _by_label(results, label)
     # The 5th generated token is the first to force an eviction: the logits of step 5 see it.
     assert bool((r.metrics.active_from == 5).all())
-    assert torch.count_nonzero(r.metrics.kl[:, :5]) == 0
-    assert float(r.metrics.kl[:, 5:].mean()) > 1e-6
-    assert bool((r.metrics.kl >= -1e-9).all())
+    # Before that, the only difference is the scoring steps' single-pass attention (float32 rounding, not
+    # SDPA's): KL of the order of float32 rounding, far below what one eviction does.
+    assert float(r.metrics.kl[:, :5].abs().max()) < 1e-6
+    assert float(r.metrics.kl[:, 5:].mean()) > 1e-4
+    assert bool((r.metrics.kl >= -1e-6).all())
 
 
 def test_reference_suppresses_eos(results):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import momentkv
+from momentkv import testing
 from loops import oracle_run, physical_run, positions_for
 from models import FAMILIES, prompts, tiny_model
 from momentkv import PolicyError
-from momentkv.scoring import Scorer, register_scorer
+from momentkv.scoring import Scorer
+from scratch import scratch_scorer
 
 UNEVEN = {
     "uncompressed-layer": {"decode": {"budget": 3, "uncompressed_layers": [1], "scorers": [{"type": "ema"}]}},
@@ -166,7 +168,6 @@ def test_a_model_converted_to_float64_after_patch_is_refused():
     handle.remove()
 
 
-@register_scorer("test_wrong_shape")
 class _WrongShape(Scorer):
     needs_attention = False
 
@@ -174,7 +175,6 @@ class _WrongShape(Scorer):
         return ctx.positions[..., :1].float()
 
 
-@register_scorer("test_nan")
 class _NaN(Scorer):
     needs_attention = False
 
@@ -184,7 +184,8 @@ class _NaN(Scorer):
 
 def test_a_scorer_of_the_wrong_shape_is_named():
     model = tiny_model("llama")
-    with momentkv.patched(model, {"decode": {"budget": 2, "scorers": [{"type": "test_wrong_shape"}]}}):
+    with scratch_scorer("test_wrong_shape", _WrongShape), \
+            momentkv.patched(model, {"decode": {"budget": 2, "scorers": [{"type": "test_wrong_shape"}]}}):
         with pytest.raises(PolicyError, match="scorer 'test_wrong_shape' returned \\(1, 2, 1\\)"):
             model.generate(**prompts(1, 5), max_new_tokens=6)
 
@@ -192,7 +193,7 @@ def test_a_scorer_of_the_wrong_shape_is_named():
 def test_nan_scores_are_caught_in_debug_mode(monkeypatch):
     model = tiny_model("llama")
     policy = {"decode": {"budget": 2, "scorers": [{"type": "test_nan", "normalize": "rank"}]}}
-    with momentkv.patched(model, policy):
+    with scratch_scorer("test_nan", _NaN), momentkv.patched(model, policy):
         model.generate(**prompts(1, 5), max_new_tokens=6)  # not checked by default (the hot path)
         monkeypatch.setenv("MOMENTKV_DEBUG", "1")
         with pytest.raises(PolicyError, match="scorer 'test_nan' returned a NaN"):
@@ -217,6 +218,18 @@ def test_scope_all_holds_its_budget_with_one_recent_token():
     physical_run(model, policy, prompts(1, 2), steps=2,
                  on_step=lambda step, cache: steps.append([layer.stored for layer in cache.layers]))
     assert steps[1:] == [[1, 1], [1, 1]]
+
+
+@pytest.mark.parametrize("prefill", [{"type": "knorm", "capacity": 1}, {"type": "snapkv", "capacity": 3, "window": 2}])
+def test_scope_all_with_a_prefill_compressor(prefill):
+    """The last prompt query's attention follows the compressor's choice before it is folded in."""
+    policy = {"prefill": prefill, "decode": {"budget": 2, "scope": "all", "scorers": [{"type": "accumulated"}]}}
+    for prompt_len in (2, 3, 6):
+        trace = testing.DecodeTrace(seed=prompt_len, batch=2, kv_heads=2, head_dim=4, prompt_len=prompt_len,
+                                    steps=3, sharpness=(1.0, 1.0, 1.0))
+        testing.check_invariants(policy, trace, num_layers=2)
+    logits, _ = physical_run(tiny_model("qwen2"), policy, prompts(batch=2, length=7), steps=5)
+    assert torch.isfinite(logits).all()
 
 
 def test_manual_loop_positions_follow_tokens_seen():

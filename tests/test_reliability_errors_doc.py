@@ -9,7 +9,8 @@ import torch
 from transformers import DynamicCache
 
 import momentkv
-from momentkv import PolicyError, Scorer, register_scorer
+from momentkv import PolicyError, Scorer
+from scratch import scratch_scorer
 from models import prompts, tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,7 +70,6 @@ def _no_layers():
     return model
 
 
-@register_scorer("errors_doc_wrong_shape")
 class _WrongShape(Scorer):
     needs_attention = False
 
@@ -79,7 +79,8 @@ class _WrongShape(Scorer):
 
 def _wrong_shape():
     model = tiny_model("llama")
-    with momentkv.patched(model, {"decode": {"budget": 2, "scorers": [{"type": "errors_doc_wrong_shape"}]}}):
+    with scratch_scorer("errors_doc_wrong_shape", _WrongShape), \
+            momentkv.patched(model, {"decode": {"budget": 2, "scorers": [{"type": "errors_doc_wrong_shape"}]}}):
         model.generate(**prompts(1, 3), max_new_tokens=5)
 
 

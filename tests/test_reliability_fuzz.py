@@ -58,7 +58,7 @@ def _check_cache(cache, prompt_len: int) -> None:
         prompt_stored = layer.stats()["prompt_stored"]
         assert prompt_stored <= prompt_len
         budget = layer.plan.budget_at(layer.generated)
-        if budget is not None and not layer.in_prefill:
+        if budget is not None and not layer.in_context:
             held = layer.stored - layer.first_evictable
             assert held <= budget + layer.plan.cadence - 1
             if layer.plan.scope == "decode":

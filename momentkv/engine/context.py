@@ -85,7 +85,10 @@ class ContextStage:
         """Keep the context slots ``keep`` ``(b, h, n)`` of the first ``region`` slots, and everything after."""
         b, h, _ = keep.shape
         rest = torch.arange(region, self.stored, device=keep.device).expand(b, h, -1)
-        self.slots.keep(torch.cat([keep, rest], dim=-1))
+        index = torch.cat([keep, rest], dim=-1)
+        self.slots.keep(index)
+        if self._last_attention is not None:  # the last context query's attention, over the slots before
+            self._last_attention = self._last_attention.gather(-1, index)
         if self.plan.scope == "all":
             if self.scoring.started:
                 self.scoring.keep(keep)

@@ -59,6 +59,8 @@ def run_steps(
     ``next_tokens(step, logits)`` ``-> (batch,)`` gives the tokens to feed.
     """
     mask = attention_mask
+    if hasattr(cache, "expect"):  # an evicting cache: it skips scoring if these steps cannot reach its budget
+        cache.expect(input_ids.shape[1], max(steps - 1, 0))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (b, prompt)
     # Only the last position's logits are needed: the prompt's would cost (b, prompt, vocab) floats.
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
