@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 import momentkv
 from momentkv import DecodePolicy, load_policy, testing
+from momentkv.testing import checks
 from momentkv.policy import BudgetFraction, builtin_policy_names
 from momentkv.scoring import scorer_class, scorer_names
 
@@ -102,7 +103,7 @@ def test_check_matches_full_cache_catches_early_eviction():
     # a plan claiming budget 6 whose cache evicted from 3 tokens on differs from the full cache
     faked = dataclasses.replace(early, plan=run.plan)
     with pytest.raises(AssertionError, match="differs from the full cache"):
-        testing._compare_with_full(faked)
+        checks._compare_with_full(faked)
 
 
 class _Flat(momentkv.Scorer):
