@@ -83,12 +83,10 @@ def _describe_protection(value: int | BudgetFraction) -> str:
 
 
 def _describe_scorer(scorer) -> str:
-    """``ema(alpha=0.9, bias_correction=True)``: every parameter, weight and normalize when not neutral."""
-    params = scorer.model_dump(exclude={"type"})
-    if params.get("weight") == 1.0:
-        params.pop("weight")
-    if params.get("normalize") == "none":
-        params.pop("normalize")
+    """``ema(bias_correction=True)``: the parameters that differ from their defaults (and required ones)."""
+    fields = type(scorer).model_fields
+    params = {k: v for k, v in scorer.model_dump(exclude={"type"}).items()
+              if fields[k].is_required() or v != fields[k].get_default(call_default_factory=True)}
     inner = ", ".join(f"{k}={v}" for k, v in params.items())
     return f"{scorer.type}({inner})" if inner else scorer.type
 
