@@ -47,6 +47,13 @@ def snapkv_scores(window_attention: torch.Tensor, kernel: int, pooling: str, kee
     return torch.cat([pooled, tail], dim=-1)
 
 
+def odd_kernel(value: int) -> int:
+    """Field check shared by every pooling kernel: odd, so the pooled scores stay aligned with the tokens."""
+    if value % 2 == 0:
+        raise ValueError(f"kernel must be odd so the pooled scores stay aligned with the tokens, got {value}")
+    return value
+
+
 @register_prefill("snapkv")
 class SnapKV(BudgetedCompressor):
     """Keep the top ``capacity - window`` prompt tokens by windowed attention, plus the window itself.
@@ -59,12 +66,7 @@ class SnapKV(BudgetedCompressor):
     kernel: int = Field(7, ge=1, description="Pooling kernel over neighbouring tokens (odd; 1: no pooling).")
     pooling: Literal["max", "avg"] = Field("max", description="Pooling of the scores: max or avg.")
 
-    @field_validator("kernel")
-    @classmethod
-    def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"kernel must be odd so the pooled scores stay aligned with the tokens, got {value}")
-        return value
+    _odd_kernel = field_validator("kernel")(staticmethod(odd_kernel))
 
     def window_size(self) -> int:
         return self.window

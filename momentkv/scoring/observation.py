@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from momentkv.prefill.snapkv import pool_tokens
+from momentkv.prefill.snapkv import odd_kernel, pool_tokens
 from momentkv.scoring.base import ScoreContext, Scorer
 
 
@@ -64,12 +64,7 @@ class AttentionObservation(Scorer):
         "none", description="none, or max: divide each observation by its largest value before it is merged (G-KV).",
     )
 
-    @field_validator("kernel")
-    @classmethod
-    def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"kernel must be odd so the pooled scores stay aligned with the tokens, got {value}")
-        return value
+    _odd_kernel = field_validator("kernel")(staticmethod(odd_kernel))
 
     @model_validator(mode="after")
     def _group_needs_window(self):
