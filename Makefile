@@ -9,9 +9,9 @@ BIN := $(VENV)/bin
 demo: $(VENV)/.installed
 	$(BIN)/momentkv demo
 
-# The test suite (what CI runs).
+# The test suite (what CI runs), with Hypothesis's derandomised examples unless HYPOTHESIS_PROFILE says otherwise.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests -q
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest tests -q
 
 # The property tests only, with fresh random examples and FUZZ_SCALE times as many as CI runs (FUZZ_SCALE=4
 # took 15 minutes on two shared cores, mostly the engine's tests). A failure prints the example and the blob
