@@ -19,13 +19,15 @@ SCORERS = [{"type": "ema", "bias_correction": True}, {"type": "accumulated"}, {"
 
 
 def _tensors(layer: EvictingLayer) -> dict:
-    """Every tensor the layer holds, by attribute name (lists of tensors flattened)."""
+    """Every tensor the layer and its parts (slots, scorer states, query window) hold, by attribute name
+    (lists of tensors flattened)."""
     found = {}
-    for name, value in vars(layer).items():
-        if isinstance(value, torch.Tensor):
-            found[name] = value
-        elif isinstance(value, (list, tuple)):
-            found.update({f"{name}[{i}]": t for i, t in enumerate(value) if isinstance(t, torch.Tensor)})
+    for owner in (layer, layer.slots, layer.scoring, layer.window):
+        for name, value in vars(owner).items():
+            if isinstance(value, torch.Tensor):
+                found[name] = value
+            elif isinstance(value, (list, tuple)):
+                found.update({f"{name}[{i}]": t for i, t in enumerate(value) if isinstance(t, torch.Tensor)})
     return found
 
 
@@ -46,7 +48,7 @@ def test_layer_allocates_everything_on_the_keys_device(prefill):
         layer.update(torch.empty(b, kv, 1, d, device=device), torch.empty(b, kv, 1, d, device=device), kwargs={})
         layer.observe(torch.empty(b, heads, 1, d, device=device), layer.keys, None, d ** -0.5)
     tensors = _tensors(layer)
-    assert {"keys", "values", "_positions", "scores"} <= set(tensors)  # positions stored once eviction began
+    assert {"keys", "values", "_positions", "step_total"} <= set(tensors)  # positions stored once eviction began
     assert sum(name.startswith("states[") for name in tensors) == len(SCORERS)
     assert {name: t.device.type for name, t in tensors.items()} == {name: "meta" for name in tensors}
     assert layer.evicted > 0
