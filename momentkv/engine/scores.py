@@ -19,7 +19,7 @@ import torch
 
 from momentkv.errors import PolicyError
 from momentkv.scoring.base import ScoreContext, Scorer
-from momentkv.scoring.normalize import normalize_scores
+from momentkv.scoring.normalize import normalize_scores, rank_of
 
 DEBUG_ENV = "MOMENTKV_DEBUG"
 
@@ -36,6 +36,23 @@ class ScoreInputs:
     layer_idx: int
     num_layers: int
     window: Callable[[int], torch.Tensor] | None
+
+
+def _add_weighted(total: torch.Tensor | None, out: torch.Tensor, weight: float) -> torch.Tensor:
+    if weight != 1.0:
+        out = out * weight
+    return out if total is None else total + out
+
+
+def _rank_sum(ranked: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """The weighted sum of the ranks of several outputs ``(batch, kv_heads, T)``: one sort over them stacked
+    (one sort of ``k`` rows costs little more than one, where ``k`` sorts cost ``k`` times the dispatch)."""
+    outs = [o if o.dtype == torch.float32 else o.float() for o, _ in ranked]
+    ranks = rank_of(torch.stack(outs))  # (k, batch, kv_heads, T)
+    weights = [w for _, w in ranked]
+    if any(w != 1.0 for w in weights):
+        ranks = ranks.mul_(torch.tensor(weights, dtype=ranks.dtype, device=ranks.device).view(-1, 1, 1, 1))
+    return ranks.sum(dim=0)
 
 
 class _Component:
@@ -109,6 +126,7 @@ class LayerScoring:
     # ----------------------------------------------------------------- scoring
     def _run(self, which: list[int], attention, inputs: ScoreInputs) -> torch.Tensor | None:
         total = None
+        ranked: list[tuple[torch.Tensor, float]] = []  # rank-normalised outputs, ranked together at the end
         age = None  # computed once, by the first scorer that reads it
         expected = tuple(inputs.positions.shape)
         for i in which:
@@ -128,11 +146,16 @@ class LayerScoring:
                     f"scorer {part.scorer.type!r} returned a NaN or infinite score at layer {inputs.layer_idx} "
                     f"(step {inputs.now}); scores must be finite ({DEBUG_ENV}=1 checks this every step)"
                 )
+            if part.normalize == "rank":
+                ranked.append((out, part.weight))
+                continue
             if part.normalize != "none":
                 out = normalize_scores(out, part.normalize)
-            if part.weight != 1.0:
-                out = out * part.weight
-            total = out if total is None else total + out
+            total = _add_weighted(total, out, part.weight)
+        if len(ranked) == 1:
+            total = _add_weighted(total, rank_of(ranked[0][0]), ranked[0][1])
+        elif ranked:
+            total = _add_weighted(total, _rank_sum(ranked), 1.0)
         return total
 
     def step(self, attention: torch.Tensor | None, inputs: ScoreInputs) -> None:

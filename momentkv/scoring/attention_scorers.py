@@ -16,6 +16,8 @@ the window has passed them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field, model_validator
 
@@ -64,7 +66,10 @@ class EMA(AttentionObservation):
             return scores
         if self.alpha == 1.0:
             return scores / (ctx.age + 1.0)
-        return scores / (1.0 - torch.pow(self.alpha, ctx.age + 1.0))
+        # 1 - alpha^(age+1) = -expm1((age+1) ln alpha): exact for alpha near 1, and expm1 of a tensor is several
+        # times cheaper than a scalar raised to a tensor power.
+        log_alpha = math.log(self.alpha)
+        return torch.div(scores, torch.add(log_alpha, ctx.age, alpha=log_alpha).expm1_()).neg_()
 
 
 @register_scorer("accumulated")
