@@ -19,6 +19,14 @@ def test_dump_then_load_gives_the_same_policy(policy):
     assert load_policy(policy_to_data(policy)) == policy
 
 
+@pytest.mark.parametrize("text", ["0E0", "1e-6", "-.5", ".5e3", "+2E+1", "1.0", "12", "null", "yes", "~"])
+def test_text_that_reads_as_a_number_is_quoted_in_the_dump(text):
+    """The loader reads YAML 1.2 floats (``1e-6``); a description spelled like one must come back as text."""
+    policy = loads_policy(f"name: p\ndescription: '{text}'\n")
+    assert policy.description == text
+    assert loads_policy(dump_policy(policy)) == policy
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=testing.policies(decode=True))
 def test_dump_is_stable(policy):

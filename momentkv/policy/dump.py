@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from momentkv.policy.loader import YAML12_FLOAT
 from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 
 
@@ -24,6 +25,9 @@ def _represent_list(dumper: yaml.SafeDumper, data: list):
 
 
 _PolicyDumper.add_representer(list, _represent_list)
+# The loader reads YAML 1.2's floats (`1e-6`, `0E0`); the dumper must know them too, or it would write such a
+# string plain and the loader would read it back as a number.
+_PolicyDumper.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+.0123456789"))
 
 # Characters YAML folds or normalises inside single-quoted and plain scalars (NEL, line and paragraph
 # separators, carriage return, BOM): strings holding them are written double-quoted, where they are escaped.
