@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The leaderboard runs on the held-out prompts, one stage at a time, every pass saved in STORE as it finishes
+# (a stage that is started again loads what the store holds and computes only what is missing), then one
+# report of everything saved against the N-token reference.
+#   bash benchmarks/leaderboard/run.sh STAGE [NEW_TOKENS] [STORE] [OUT]
+# STAGE: decode (budgets 64 and 128, every decode policy), ends (budgets 32 and 256, the leading ones),
+#        total (equal total memory 512: prompt-intact against whole-cache), kvpress (its presses at total 512),
+#        report (merge the store's passes into OUT/report).
+# Policies run in the order given, most informative first, so an interrupted stage still leaves the main rows.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+stage="${1:?stage: decode, ends, total, kvpress or report}"; n="${2:-1024}"
+store="${3:-out/lb}"; out="${4:-out/lb-$n}"
+decode_policies="${DECODE_POLICIES:-recency.yaml moment.yaml tova.yaml h2o.yaml keydiff.yaml lazyeviction.yaml raas.yaml scope.yaml moment-paper.yaml}"
+total_policies="${TOTAL_POLICIES:-recency.yaml moment.yaml tova-all.yaml moment-all.yaml h2o-all.yaml recency-all.yaml}"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+eval_run() {
+    .venv/bin/momentkv eval --split heldout --new-tokens "$n" --reference sample --temperature 0.7 --top-p 0.95 \
+        --seed 0 --no-free-running --no-progress --store "$store" "$@"
+}
+reference() { ls -d "$store"/smollm2-N"$n"-P16-* | head -1; }
+case "$stage" in
+    decode)
+        eval_run --budgets 64 128 --policies $decode_policies --out "$out/decode"
+        # R-KV and G-KV rank every 128 steps (their cadence), which a budget of 64 does not allow.
+        eval_run --budgets 128 --policies rkv.yaml gkv.yaml --out "$out/decode-cadence" ;;
+    ends)   eval_run --budgets 32 256 --policies recency.yaml moment.yaml tova.yaml --out "$out/ends" ;;
+    total)  eval_run --total-budgets 512 --policies $total_policies --out "$out/total" ;;
+    kvpress)
+        bash benchmarks/peers/kvpress/setup.sh > /dev/null
+        benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --reference "$(reference)" \
+            --total-budgets 512 --intervals 1 --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} \
+            --skip-done ;;
+    report) .venv/bin/momentkv report "$(reference)" --out "$out/report" ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+esac
+stamp "$stage done"
