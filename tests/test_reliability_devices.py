@@ -47,8 +47,9 @@ def test_layer_allocates_everything_on_the_keys_device(prefill):
     for _ in range(8):
         layer.update(torch.empty(b, kv, 1, d, device=device), torch.empty(b, kv, 1, d, device=device), kwargs={})
         layer.observe(torch.empty(b, heads, 1, d, device=device), layer.keys, None, d ** -0.5)
+    assert layer.scoring.step_total is not None  # the last step's scores, normalised when first read
     tensors = _tensors(layer)
-    assert {"keys", "values", "_positions", "step_total"} <= set(tensors)  # positions stored once eviction began
+    assert {"keys", "values", "_positions", "_step_total"} <= set(tensors)  # positions stored once eviction began
     assert sum(name.startswith("states[") for name in tensors) == len(SCORERS)
     assert {name: t.device.type for name, t in tensors.items()} == {name: "meta" for name in tensors}
     assert layer.evicted > 0

@@ -80,7 +80,8 @@ class LayerScoring:
         self.query_window = max((s.query_window() for s in scorers), default=0)
         self.debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")  # read once per layer
         self.states: list[torch.Tensor] = []
-        self.step_total: torch.Tensor | None = None  # the every-step scorers' part, from the last step
+        self._step_total: torch.Tensor | None = None  # the every-step scorers' part, from the last step
+        self._pending: list | None = None  # the last step's outputs, not yet normalised and summed
         self.attention: torch.Tensor | None = None  # the last step's attention, for rank-time scorers
         self.started = False
 
@@ -121,12 +122,12 @@ class LayerScoring:
         self.attention = None if self.attention is None else pick(self.attention)
 
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.states) + (0 if self.step_total is None else self.step_total.nbytes)
+        return sum(s.nbytes for s in self.states) + (0 if self._step_total is None else self._step_total.nbytes)
 
     # ----------------------------------------------------------------- scoring
-    def _run(self, which: list[int], attention, inputs: ScoreInputs) -> torch.Tensor | None:
-        total = None
-        ranked: list[tuple[torch.Tensor, float]] = []  # rank-normalised outputs, ranked together at the end
+    def _outputs(self, which: list[int], attention, inputs: ScoreInputs) -> list[tuple[_Component, torch.Tensor]]:
+        """Run the scorers ``which`` (their states update in place) and check each output."""
+        outputs = []
         age = None  # computed once, by the first scorer that reads it
         expected = tuple(inputs.positions.shape)
         for i in which:
@@ -146,6 +147,15 @@ class LayerScoring:
                     f"scorer {part.scorer.type!r} returned a NaN or infinite score at layer {inputs.layer_idx} "
                     f"(step {inputs.now}); scores must be finite ({DEBUG_ENV}=1 checks this every step)"
                 )
+            outputs.append((part, out))
+        return outputs
+
+    @staticmethod
+    def _combine(outputs: list[tuple[_Component, torch.Tensor]]) -> torch.Tensor | None:
+        """The weighted sum of the normalised outputs; the rank-normalised ones are ranked in one sort."""
+        total = None
+        ranked: list[tuple[torch.Tensor, float]] = []
+        for part, out in outputs:
             if part.normalize == "rank":
                 ranked.append((out, part.weight))
                 continue
@@ -159,15 +169,31 @@ class LayerScoring:
         return total
 
     def step(self, attention: torch.Tensor | None, inputs: ScoreInputs) -> None:
-        """Fold one decode step into the every-step scorers; keep ``attention`` for the rank-time ones."""
+        """Fold one decode step into the every-step scorers; keep ``attention`` for the rank-time ones.
+
+        The states update now; their normalisation and sum wait until :attr:`step_total` is read (at the next
+        ranking), so that with ``cadence: k`` the rank normalisation runs once per ``k`` steps, not every step.
+        """
         self.attention = attention
-        self.step_total = self._run(self.each_step, attention, inputs) if self.each_step else None
+        self._pending = self._outputs(self.each_step, attention, inputs) if self.each_step else None
+        self._step_total = None
+
+    @property
+    def step_total(self) -> torch.Tensor | None:
+        """The every-step scorers' part of the ranking score ``(batch, kv_heads, T)``, from the last step."""
+        if self._pending is not None:
+            self._step_total, self._pending = self._combine(self._pending), None
+        return self._step_total
+
+    @step_total.setter
+    def step_total(self, value: torch.Tensor | None) -> None:
+        self._step_total, self._pending = value, None
 
     def total(self, inputs: ScoreInputs) -> torch.Tensor:
         """The ranking score ``(batch, kv_heads, T)``: every-step part plus the rank-time scorers run now."""
         total = self.step_total
         if self.at_rank:
-            late = self._run(self.at_rank, self.attention, inputs)
+            late = self._combine(self._outputs(self.at_rank, self.attention, inputs))
             total = late if total is None else total + late
         if total is None:  # no scorer has run yet (or none exists): every slot ties
             total = torch.zeros(inputs.positions.shape, dtype=torch.float32, device=inputs.positions.device)
