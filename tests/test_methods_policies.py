@@ -420,3 +420,21 @@ def test_the_comparison_catches_a_wrong_parameter(name, scorer, change):
     rec = synthetic_recording(wrong, steps=90 if name in ("rkv", "gkv") else 40, seed=len(name))
     with pytest.raises(AssertionError):
         check_evictions(name, shrunk(name), rec)
+
+
+def test_every_step_scores_are_normalised_only_when_the_layer_ranks(monkeypatch):
+    """With cadence k the every-step scorers fold every step, but their rank normalisation (a sort) runs only
+    at the steps where the layer ranks: once per k steps once full."""
+    from momentkv.engine import scores
+
+    calls = []
+    original = scores.LayerScoring._combine
+    monkeypatch.setattr(scores.LayerScoring, "_combine",
+                        staticmethod(lambda outputs: calls.append(1) or original(outputs)))
+    policy = {"decode": {"budget": 10, "cadence": 4, "scorers": [
+        {"type": "ema", "alpha": 0.9, "bias_correction": True, "normalize": "rank"},
+        {"type": "recency", "normalize": "rank"}]}}
+    rec = synthetic_recording(policy, steps=40)
+    rankings = [u for u in rec.updates if u.after.shape[-1] <= u.before.shape[-1]]
+    assert len(rankings) == (40 - 13) // 4 + 1  # first when 13 tokens are held (10 + 4 - 1), then every 4 steps
+    assert len(calls) == len(rankings)
