@@ -45,13 +45,16 @@ def _add_weighted(total: torch.Tensor | None, out: torch.Tensor, weight: float) 
 
 
 def _rank_sum(ranked: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """The weighted sum of the ranks of several outputs ``(batch, kv_heads, T)``: one sort over them stacked
-    (one sort of ``k`` rows costs little more than one, where ``k`` sorts cost ``k`` times the dispatch)."""
-    outs = [o if o.dtype == torch.float32 else o.float() for o, _ in ranked]
-    ranks = rank_of(torch.stack(outs))  # (k, batch, kv_heads, T)
-    weights = [w for _, w in ranked]
-    if any(w != 1.0 for w in weights):
-        ranks = ranks.mul_(torch.tensor(weights, dtype=ranks.dtype, device=ranks.device).view(-1, 1, 1, 1))
+    """The weighted sum of the ranks of outputs ``(batch, kv_heads, T)``: several are ranked in one sort over
+    them stacked (one sort of ``k`` rows costs little more than one, where ``k`` sorts cost ``k`` dispatches)."""
+    if len(ranked) == 1:
+        out, weight = ranked[0]
+        ranks = rank_of(out)
+        return ranks if weight == 1.0 else ranks.mul_(weight)
+    ranks = rank_of(torch.stack([o if o.dtype == torch.float32 else o.float() for o, _ in ranked]))  # (k, b, h, T)
+    for row, (_, weight) in zip(ranks, ranked):
+        if weight != 1.0:
+            row.mul_(weight)
     return ranks.sum(dim=0)
 
 
@@ -162,9 +165,7 @@ class LayerScoring:
             if part.normalize != "none":
                 out = normalize_scores(out, part.normalize)
             total = _add_weighted(total, out, part.weight)
-        if len(ranked) == 1:
-            total = _add_weighted(total, rank_of(ranked[0][0]), ranked[0][1])
-        elif ranked:
+        if ranked:
             total = _add_weighted(total, _rank_sum(ranked), 1.0)
         return total
 

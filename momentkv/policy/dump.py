@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from momentkv.policy.loader import YAML12_FLOAT
+from momentkv.policy.loader import resolve_yaml12_floats
 from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
 
 
@@ -27,7 +27,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list):
 _PolicyDumper.add_representer(list, _represent_list)
 # The loader reads YAML 1.2's floats (`1e-6`, `0E0`); the dumper must know them too, or it would write such a
 # string plain and the loader would read it back as a number.
-_PolicyDumper.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+.0123456789"))
+resolve_yaml12_floats(_PolicyDumper)
 
 # Characters YAML folds or normalises inside single-quoted and plain scalars (NEL, line and paragraph
 # separators, carriage return, BOM): strings holding them are written double-quoted, where they are escaped.

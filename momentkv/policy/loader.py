@@ -53,7 +53,7 @@ class PolicyData:
 
 class _DepthLimitedLoader(yaml.SafeLoader):
     """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses), and the
-    floats of YAML 1.2 (see :data:`YAML12_FLOAT`)."""
+    floats of YAML 1.2 (see :data:`_YAML12_FLOAT`)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -74,8 +74,15 @@ class _DepthLimitedLoader(yaml.SafeLoader):
 # PyYAML resolves plain scalars by YAML 1.1, whose floats need a dot and a signed exponent: `eps: 1e-6` and
 # `weight: -.5` would be read as text and refused. YAML 1.2 (and every other YAML reader people use) reads
 # them as numbers, as users write them. Only the forms 1.1 leaves as text are added; ints resolve first.
-YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)$")
-_DepthLimitedLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+.0123456789"))
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)$")
+
+
+def resolve_yaml12_floats(resolver: type) -> None:
+    """Make a PyYAML loader or dumper class read (or, dumping, quote) the floats :data:`_YAML12_FLOAT` adds."""
+    resolver.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+
+
+resolve_yaml12_floats(_DepthLimitedLoader)
 
 
 def _yaml_problem(err: yaml.YAMLError, origin: str) -> Problem:
