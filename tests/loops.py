@@ -13,9 +13,16 @@ def positions_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_stream(batch: int, steps: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
-    """Random tokens ``(steps, batch)`` to feed teacher-forced, identical for every run."""
+    """Random tokens ``(steps, batch)`` to feed teacher-forced, identical for every run.
+
+    No token repeats within a row: a repeated token's first-layer key is the first one's rotated by RoPE, so a
+    scorer of key norms would see two equal scores, which two implementations (the engine, the oracle) break by
+    rounding, and each choice would be right.
+    """
+    if steps > vocab - 3:
+        raise ValueError(f"{steps} distinct tokens per row need a vocabulary of at least {steps + 3}")
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (steps, batch), generator=g)
+    return torch.stack([torch.randperm(vocab - 3, generator=g)[:steps] + 3 for _ in range(batch)], dim=1)
 
 
 @torch.no_grad()
