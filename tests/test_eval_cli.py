@@ -136,6 +136,19 @@ def test_sampled_reference_with_total_budgets_and_a_store(tmp_path, prompts, mon
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
 
 
+def test_no_full_replay_skips_only_the_full_cache(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    store = tmp_path / "store"
+    args = ["--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "--store", str(store)]
+    assert _eval(tmp_path / "a", prompts, *args, "--no-full-replay") == 0
+    (folder,) = store.iterdir()
+    # The reference is still made (the passes are read against it); only the full cache's own replay is skipped.
+    assert (folder / "reference.json").is_file()
+    assert sorted(p.name for p in (folder / "passes").iterdir()) == ["moment@4.pt", "recency@4.pt"]
+    labels = {r["label"] for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))}
+    assert labels == {"recency@4", "moment@4"}
+
+
 def test_a_total_budget_that_a_prompt_fills_exits_2(tmp_path, prompts, monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
     out = tmp_path / "out"

@@ -5,7 +5,8 @@
 #   bash benchmarks/leaderboard/run.sh STAGE [NEW_TOKENS] [STORE] [OUT]
 # STAGE: decode (budgets 64 and 128, every decode policy), ends (budgets 32 and 256, the leading ones),
 #        total (equal total memory 512: prompt-intact against whole-cache), kvpress (its presses at total 512),
-#        report (merge the store's passes into OUT/report).
+#        report (merge the store's passes into OUT/report, and those at total budgets into OUT/report-total).
+# KVPRESS_ARGS adds options to the kvpress runner (e.g. "--no-full --threads 1").
 # Policies run in the order given, most informative first, so an interrupted stage still leaves the main rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,20 +20,31 @@ eval_run() {
     .venv/bin/momentkv eval --split heldout --new-tokens "$n" --reference sample --temperature 0.7 --top-p 0.95 \
         --seed 0 --no-free-running --no-progress --store "$store" "$@"
 }
-reference() { ls -d "$store"/smollm2-N"$n"-P16-* | head -1; }
+# The reference a stage's passes are read against: decode budgets batch the prompts (8 at a time), total budgets
+# run each prompt alone, and each batch size has its own saved reference (the batch changes the rounding).
+reference() {
+    for folder in "$store"/smollm2-N"$n"-P16-*; do
+        grep -q "\"batch_size\": $1[,}]" "$folder/reference.json" 2>/dev/null && { echo "$folder"; return; }
+    done
+    echo "no reference at batch size $1 in $store (run the ${2} stage first)" >&2; exit 1
+}
 case "$stage" in
     decode)
         eval_run --budgets 64 128 --policies $decode_policies --out "$out/decode"
         # R-KV and G-KV rank every 128 steps (their cadence), which a budget of 64 does not allow.
         eval_run --budgets 128 --policies rkv.yaml gkv.yaml --out "$out/decode-cadence" ;;
     ends)   eval_run --budgets 32 256 --policies recency.yaml moment.yaml tova.yaml --out "$out/ends" ;;
-    total)  eval_run --total-budgets 512 --policies $total_policies --out "$out/total" ;;
+    # Each prompt alone against a reference made alone: the full cache replays it exactly, so it is not replayed.
+    total)  eval_run --total-budgets 512 --no-full-replay --policies $total_policies --out "$out/total" ;;
     kvpress)
+        ref=$(reference 1 total)
         bash benchmarks/peers/kvpress/setup.sh > /dev/null
-        benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --reference "$(reference)" \
+        benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --reference "$ref" \
             --total-budgets 512 --intervals 1 --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} \
-            --skip-done ;;
-    report) .venv/bin/momentkv report "$(reference)" --out "$out/report" ;;
+            --skip-done ${KVPRESS_ARGS:-} ;;
+    report)
+        ref=$(reference 8 decode); .venv/bin/momentkv report "$ref" --out "$out/report"
+        ref=$(reference 1 total); .venv/bin/momentkv report "$ref" --out "$out/report-total" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
 esac
 stamp "$stage done"

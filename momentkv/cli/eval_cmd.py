@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (left-padded)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-free-running", action="store_true", help="skip free-running greedy decoding")
+    p.add_argument("--no-full-replay", action="store_true",
+                   help="skip the full cache's own replay (a check: its KL to a reference made at the same batch "
+                        "size is 0)")
     p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the table")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, of torch and of a sampled reference")
@@ -130,7 +133,7 @@ def run(args) -> int:
     sources = [p for p in args.policies if Path(p).stem != "full" or Path(p).is_file()]
     try:
         sampling = sampling_of(args)
-        configs = build_configs(["full.yaml", *sources], args.budgets)
+        configs = build_configs(([] if args.no_full_replay else ["full.yaml"]) + sources, args.budgets)
         if args.total_budgets and args.budgets is None:  # only the total budgets were asked for
             configs = [c for c in configs if c.budget is None]
         records = load_prompts(args.prompts, split=args.split, kind=args.kind)
