@@ -24,7 +24,7 @@ eval_run() {
 # run each prompt alone, and each batch size has its own saved reference (the batch changes the rounding).
 reference() {
     for folder in "$store"/smollm2-N"$n"-P16-*; do
-        grep -q "\"batch_size\": $1[,}]" "$folder/reference.json" 2>/dev/null && { echo "$folder"; return; }
+        grep -qE "\"batch_size\": $1([^0-9]|$)" "$folder/reference.json" 2>/dev/null && { echo "$folder"; return; }
     done
     echo "no reference at batch size $1 in $store (run the ${2} stage first)" >&2; exit 1
 }
