@@ -73,18 +73,24 @@ def test_scope_all_holds_one_budget_and_evicts_prompt_tokens():
         assert layer.stats()["prompt_stored"] < 30
 
 
-def test_scope_all_first_eviction_keeps_what_the_last_prompt_query_attends_to():
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_scope_all_first_eviction_keeps_what_the_last_prompt_query_attends_to(granularity):
     """TOVA over the whole cache: after the first decode step the surviving prompt tokens are the
-    budget - 1 that the last prompt query attends to most (eager weights, averaged per KV head)."""
+    budget - 1 that the last prompt query attends to most (eager weights): averaged over all the layer's
+    heads, the same tokens in every head (the built-in, as TOVA's paper), or per KV head over its group."""
     inputs = prompts(batch=1, length=32, seed=13)
     eager = tiny_model("qwen2", attn="eager")
     with torch.no_grad():
         attentions = eager(**inputs, output_attentions=True).attentions
     policy = momentkv.load_policy("tova-all.yaml").model_dump()
+    assert policy["decode"]["granularity"] == "layer"
     policy["decode"]["budget"] = 10
+    policy["decode"]["granularity"] = granularity
     _, _, cache = generate_probed(tiny_model("qwen2"), inputs, policy, 2)
     for layer, attn in zip(cache.layers, attentions):
         last = attn[:, :, -1].float().view(1, 2, 2, 32).mean(dim=2)  # (1, kv, prompt)
+        if granularity == "layer":
+            last = last.mean(dim=1, keepdim=True).expand(1, 2, 32)
         expected = last.topk(9, dim=-1).indices.sort(dim=-1).values
         survivors = layer.positions[layer.positions < 32].view(1, 2, 9).sort(dim=-1).values
         assert torch.equal(survivors, expected)
