@@ -84,6 +84,11 @@ def test_report_merges_peer_passes_and_lists_failures(setup, tmp_path, capsys):
     text = (report / "results.md").read_text()
     assert "| peer-method | T 20 | 0.250 [0.250, 0.250] |" in text
     assert "| peer-broken@T20 | peer | FloatingPointError: non-finite logits at step 4 |" in text
+    # Against another baseline the paired column names it, and the command printed is the one that was run.
+    assert main(["report", str(store.folder), "--out", str(report), "--baseline", "peer-method"]) == 0
+    text = (report / "results.md").read_text()
+    assert "KL vs peer-method (active)" in text
+    assert f"momentkv report {store.folder} --out {report} --baseline peer-method" in text
 
 
 def test_report_of_a_folder_without_reference_exits_2(tmp_path, capsys):

@@ -56,7 +56,11 @@ def run(args) -> int:
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(shlex.quote(x) for x in ["momentkv", "report", str(folder), "--out", str(out)])
+    words = ["momentkv", "report", str(folder), "--out", str(out)]
+    words += ["--baseline", args.baseline] if args.baseline != "recency" else []
+    words += ["--seed", str(args.seed)] if args.seed != 0 else []
+    words += ["--bench", args.bench, "--bench-budget", str(args.bench_budget)] if args.bench is not None else []
+    command = " ".join(shlex.quote(x) for x in words)
     write_outputs(results, out, command=command, baseline=args.baseline)
     md = out / "results.md"
     extra = failures_section(failures)
