@@ -136,6 +136,16 @@ def test_sampled_reference_with_total_budgets_and_a_store(tmp_path, prompts, mon
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
 
 
+def test_whole_cache_policies_at_a_total_budget_run_each_prompt_alone(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    store = tmp_path / "store"
+    args = ["--policies", "recency-all.yaml", "--total-budgets", "30", "--store", str(store)]
+    assert _eval(tmp_path / "a", prompts, *args) == 0
+    assert "every prompt runs alone" in capsys.readouterr().err
+    (folder,) = store.iterdir()
+    assert '"batch_size": 1' in (folder / "reference.json").read_text()
+
+
 def test_no_full_replay_skips_only_the_full_cache(tmp_path, prompts, monkeypatch, capsys):
     monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
     store = tmp_path / "store"

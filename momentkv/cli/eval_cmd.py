@@ -159,9 +159,12 @@ def run(args) -> int:
                                            [r.id for r in records])
         except PolicyError as err:
             return _fail(str(err))
-        if args.batch_size != 1 and any(c.prompt_policies is not None for c in configs):
-            print("momentkv eval: prompt-intact policies at a total budget have one decode budget per prompt: "
-                  "every prompt runs alone (--batch-size 1)", file=sys.stderr)
+        if args.batch_size != 1 and any(c.memory == "total" for c in configs):
+            # Prompt-intact policies get one decode budget per prompt; whole-cache ones would count a padded
+            # row's padding against its total and start evicting (padding) at the longest prompt's step.
+            print("momentkv eval: at a total budget every prompt runs alone (--batch-size 1): prompt-intact "
+                  "policies have one decode budget per prompt, and padding would count against the total",
+                  file=sys.stderr)
             args.batch_size = 1
     suppressed = models.eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
