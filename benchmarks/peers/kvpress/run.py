@@ -121,7 +121,9 @@ def replay_prompt(model, press, prompt: list[int], ref_tokens: torch.Tensor, ref
             lengths = [layer.keys.shape[-2] for layer in cache.layers]
             peak = max(peak, max(lengths))
             if first_drop == steps and min(lengths) < len(prompt) + step:
-                first_drop = step  # this step's logits saw a compressed cache (momentkv's active_from)
+                # The press compressed during the forward that gave this step's logits, after its attention:
+                # the next step's logits are the first to miss a token (momentkv's active_from).
+                first_drop = step + 1
             if step == steps - 1:
                 slots = lengths
                 break
