@@ -5,7 +5,8 @@
 #   bash benchmarks/leaderboard/run.sh STAGE [NEW_TOKENS] [STORE] [OUT]
 # STAGE: decode (budgets 64 and 128, every decode policy), ends (budgets 32 and 256, the leading ones),
 #        total (equal total memory 512: prompt-intact against whole-cache), kvpress (its presses at total 512),
-#        report (merge the store's passes into OUT/report, and those at total budgets into OUT/report-total).
+#        report (merge the store's passes into OUT/report, and those at total budgets into OUT/report-total,
+#        compared there with kvpress's TOVA press, or TOTAL_BASELINE).
 # KVPRESS_ARGS adds options to the kvpress runner (e.g. "--no-full --threads 1").
 # Policies run in the order given, most informative first, so an interrupted stage still leaves the main rows.
 set -euo pipefail
@@ -44,7 +45,8 @@ case "$stage" in
             --skip-done ${KVPRESS_ARGS:-} ;;
     report)
         ref=$(reference 8 decode); .venv/bin/momentkv report "$ref" --out "$out/report"
-        ref=$(reference 1 total); .venv/bin/momentkv report "$ref" --out "$out/report-total" ;;
+        ref=$(reference 1 total)
+        .venv/bin/momentkv report "$ref" --out "$out/report-total" --baseline "${TOTAL_BASELINE:-kvpress-tova-i1}" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
 esac
 stamp "$stage done"
