@@ -150,13 +150,15 @@ def test_no_full_replay_skips_only_the_full_cache(tmp_path, prompts, monkeypatch
     monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
     store = tmp_path / "store"
     args = ["--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "--store", str(store)]
-    assert _eval(tmp_path / "a", prompts, *args, "--no-full-replay") == 0
+    assert _eval(tmp_path / "a", prompts, *args, "--no-full-replay", "--baseline", "moment") == 0
     (folder,) = store.iterdir()
     # The reference is still made (the passes are read against it); only the full cache's own replay is skipped.
     assert (folder / "reference.json").is_file()
     assert sorted(p.name for p in (folder / "passes").iterdir()) == ["moment@4.pt", "recency@4.pt"]
     labels = {r["label"] for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))}
     assert labels == {"recency@4", "moment@4"}
+    text = (tmp_path / "a" / "results.md").read_text()
+    assert "--baseline moment" in text and "--no-full-replay" in text  # the printed command reruns this run
 
 
 def test_a_total_budget_that_a_prompt_fills_exits_2(tmp_path, prompts, monkeypatch, capsys):

@@ -113,8 +113,10 @@ def _command(args) -> str:
                         ("--out", args.out), ("--seed", args.seed)):
         if value is not None:
             parts += [flag, str(value)]
-    if args.no_free_running:
-        parts.append("--no-free-running")
+    if args.baseline != "recency":
+        parts += ["--baseline", args.baseline]
+    parts += [flag for flag, on in (("--no-free-running", args.no_free_running),
+                                    ("--no-full-replay", args.no_full_replay)) if on]
     for module in args.imports:
         parts += ["--import", module]
     return " ".join(shlex.quote(p) for p in parts)
