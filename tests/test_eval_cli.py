@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 
 import pytest
 
@@ -151,6 +152,8 @@ def test_no_full_replay_skips_only_the_full_cache(tmp_path, prompts, monkeypatch
     store = tmp_path / "store"
     args = ["--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "--store", str(store)]
     assert _eval(tmp_path / "a", prompts, *args, "--no-full-replay", "--baseline", "moment") == 0
+    typed = shlex.join(["momentkv", "eval", "--out", str(tmp_path / "a"), "--prompts", str(prompts), "--new-tokens", "8",
+                        "--no-progress", *args, "--no-full-replay", "--baseline", "moment"])
     (folder,) = store.iterdir()
     # The reference is still made (the passes are read against it); only the full cache's own replay is skipped.
     assert (folder / "reference.json").is_file()
@@ -158,7 +161,7 @@ def test_no_full_replay_skips_only_the_full_cache(tmp_path, prompts, monkeypatch
     labels = {r["label"] for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))}
     assert labels == {"recency@4", "moment@4"}
     text = (tmp_path / "a" / "results.md").read_text()
-    assert "--baseline moment" in text and "--no-full-replay" in text  # the printed command reruns this run
+    assert f"    {typed}\n" in text  # the printed command is the one typed, so it reruns this run
 
 
 def test_a_total_budget_that_a_prompt_fills_exits_2(tmp_path, prompts, monkeypatch, capsys):

@@ -9,13 +9,12 @@ saved under DIR, and a rerun loads them instead of recomputing (a long run can b
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from momentkv.cli.command_line import typed_command
 from momentkv.cli.imports import add_import_option, import_modules
 
 EXIT_USAGE = 2
@@ -96,32 +95,6 @@ def sampling_of(args):
                     top_p=DEFAULT_TOP_P if args.top_p is None else args.top_p, seed=args.seed)
 
 
-def _command(args) -> str:
-    """The command line that reproduces this run, rebuilt from the parsed arguments."""
-    parts = ["momentkv", "eval", "--policies", *args.policies]
-    if args.budgets:
-        parts += ["--budgets", *map(str, args.budgets)]
-    if args.total_budgets:
-        parts += ["--total-budgets", *map(str, args.total_budgets)]
-    if args.reference == "sample":
-        sampling = sampling_of(args)
-        parts += ["--reference", "sample", "--temperature", f"{sampling.temperature:g}", "--top-p",
-                  f"{sampling.top_p:g}"]
-    for flag, value in (("--prompts", args.prompts), ("--split", args.split), ("--kind", args.kind),
-                        ("--limit", args.limit), ("--new-tokens", args.new_tokens), ("--model", args.model),
-                        ("--batch-size", args.batch_size), ("--device", args.device), ("--store", args.store),
-                        ("--out", args.out), ("--seed", args.seed)):
-        if value is not None:
-            parts += [flag, str(value)]
-    if args.baseline != "recency":
-        parts += ["--baseline", args.baseline]
-    parts += [flag for flag, on in (("--no-free-running", args.no_free_running),
-                                    ("--no-full-replay", args.no_full_replay)) if on]
-    for module in args.imports:
-        parts += ["--import", module]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def run(args) -> int:
     import torch
 
@@ -170,7 +143,7 @@ def run(args) -> int:
             args.batch_size = 1
     suppressed = models.eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    command = _command(args)
+    command = typed_command(args)
     return _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out, command, sampling)
 
 

@@ -7,9 +7,10 @@ method that failed or gave NaN) is listed with its error instead of numbers.
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
+
+from momentkv.cli.command_line import typed_command
 
 EXIT_USAGE = 2
 
@@ -56,11 +57,7 @@ def run(args) -> int:
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    words = ["momentkv", "report", str(folder), "--out", str(out)]
-    words += ["--baseline", args.baseline] if args.baseline != "recency" else []
-    words += ["--seed", str(args.seed)] if args.seed != 0 else []
-    words += ["--bench", args.bench, "--bench-budget", str(args.bench_budget)] if args.bench is not None else []
-    command = " ".join(shlex.quote(x) for x in words)
+    command = typed_command(args)
     write_outputs(results, out, command=command, baseline=args.baseline)
     md = out / "results.md"
     extra = failures_section(failures)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
+
+from momentkv.cli.command_line import typed_command
 
 EXIT_USAGE = 2
 
@@ -161,8 +162,7 @@ def _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, o
                                       log=log)
     summary.update(trial=best.number, proxy_kl=best.value, trials=tuning.finished(study),
                    search_seconds=search_seconds, confirm_seconds=time.perf_counter() - started - search_seconds)
-    command = " ".join(shlex.quote(x) for x in ["momentkv", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] \
-        else "momentkv tune (called from Python)"
+    command = typed_command(args)
     _write(out, winner, summary, study, results, command, dump_policy(load_policy(winner)))
     print(f"wrote {out}/best.yaml: held-out KL {_fmt(summary['kl_active'])}")
     return 0
