@@ -89,6 +89,15 @@ def test_report_merges_peer_passes_and_lists_failures(setup, tmp_path, capsys):
     text = (report / "results.md").read_text()
     assert "KL vs peer-method (active)" in text
     assert f"momentkv report {store.folder} --out {report} --baseline peer-method" in text
+    # The leaderboard page's summary table is read from this file: the peer's row and the paired column survive.
+    doc_table = _load_by_path(Path(__file__).resolve().parent.parent / "benchmarks" / "leaderboard" / "doc_table.py")
+    capsys.readouterr()
+    assert doc_table.main([str(report / "results.md"), "--order", "peer-method"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| policy | budget | KL, all 2 | top-1 | vs peer-method, all |")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table[2:]]
+    assert rows == ["recency", "peer-method"]  # budgets in turn (4, then T 20), named policies first within one
+    assert table[3].startswith("| peer-method | T 20 | 0.250 [0.250, 0.250] | 1.000 | — |")
 
 
 def test_report_of_a_folder_without_reference_exits_2(tmp_path, capsys):
@@ -126,3 +135,12 @@ def test_report_with_bench_speeds_plots_fidelity_against_speed(setup, tmp_path, 
     assert "## Fidelity against speed at decode budget 4" in (report / "results.md").read_text()
     assert main(["report", str(store.folder), "--out", str(report), "--bench", str(bench)]) == 2
     assert "--bench and --bench-budget go together" in capsys.readouterr().err
+
+
+def _load_by_path(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
