@@ -4,6 +4,7 @@ resumable; bad spaces and inputs exit 2 naming the problem."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -67,6 +68,23 @@ def test_tune_writes_a_valid_winner_with_its_held_out_interval_and_resumes(tmp_p
     err = capsys.readouterr().err
     assert "2 trials already finished, 1 to run" in err
     assert json.loads((out / "summary.json").read_text())["trials"] == 3
+
+
+def test_a_trial_is_never_pruned_after_its_last_batch(tmp_path, files, monkeypatch, capsys):
+    import optuna
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # a pruner that prunes whatever it can
+    # Both proxy prompts in one batch: the only report is the complete value, so every trial finishes.
+    assert _tune(tmp_path / "one", files, "--trials", "3", "--batch-size", "2") == 0
+    err = capsys.readouterr().err
+    assert "pruned" not in err and len(re.findall(r"trial \d+: KL ", err)) == 3
+    # One prompt per batch: the trials are pruned after the first, before the last; with no trial run to the end
+    # there is no winner, which the command says (exit 2) rather than failing inside Optuna.
+    assert _tune(tmp_path / "two", files, "--trials", "2") == 2
+    err = capsys.readouterr().err
+    assert len(re.findall(r"trial \d+: pruned after 1 prompts", err)) == 2
+    assert "no trial ran to the end (2 pruned or invalid" in err
 
 
 def test_resuming_with_another_setup_exits_2(tmp_path, files, monkeypatch, capsys):

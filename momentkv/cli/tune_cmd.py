@@ -150,8 +150,9 @@ def _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, o
     bar = tqdm(total=todo, unit="trial", desc="tune", dynamic_ncols=True)
     study.optimize(objective, n_trials=todo, callbacks=[lambda s, t: bar.update(1)])
     bar.close()
-    if tuning.finished(study) == 0 or not any(t.value is not None for t in study.trials):
-        return _fail("no trial finished: widen the search space or add trials")
+    if tuning.completed(study) == 0:
+        return _fail(f"no trial ran to the end ({tuning.finished(study)} pruned or invalid, see the lines above): "
+                     "widen the search space or add trials")
     best = study.best_trial
     winner = dict(best.user_attrs["policy"], name=args.name)
     search_seconds = time.perf_counter() - started

@@ -83,6 +83,13 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
+def completed(study) -> int:
+    """Trials that ran to the end (a pruned trial has a value too, the last one it reported, but no winner)."""
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 def trial_config(space: SearchSpace, trial, setup: Setup, prompt_lengths: list[int]):
     """The :class:`EvalConfig` of a trial's policy at the study's budget (PolicyError if invalid)."""
     policy = space.policy(trial, setup.budget, name=f"trial{trial.number}")
@@ -115,7 +122,8 @@ def objective_fn(model, space: SearchSpace, setup: Setup, reference, encoded, pa
             m = teacher_forced(model, config.runnable, [batch], reference, label=config.label)
             per_prompt += m.kl[batch.rows].mean(dim=1).tolist()
             trial.report(float(np.mean(per_prompt)), step)
-            if trial.should_prune():
+            # After the last batch the value is complete: pruning it would only discard a finished trial.
+            if step < len(batches) - 1 and trial.should_prune():
                 log(f"trial {trial.number}: pruned after {len(per_prompt)} prompts (KL so far "
                     f"{np.mean(per_prompt):.4f})")
                 raise optuna.TrialPruned()
