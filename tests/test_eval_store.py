@@ -96,8 +96,13 @@ def test_report_merges_peer_passes_and_lists_failures(setup, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| policy | budget | KL, all 2 | top-1 | vs peer-method, all |")
     rows = [line.split(" | ")[0].lstrip("| ") for line in table[2:]]
-    assert rows == ["recency", "peer-method"]  # budgets in turn (4, then T 20), named policies first within one
+    assert rows == ["recency", "peer-method"]  # decode budgets before totals (4, then T 20)
     assert table[3].startswith("| peer-method | T 20 | 0.250 [0.250, 0.250] | 1.000 | — |")
+    assert doc_table.main([str(report / "results.md"), "--budgets", "T 20"]) == 0
+    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["| peer-method"]
+    (report / "other.md").write_text("## all prompts\n\n| policy | budget |\n| --- | --- |\n| a | 4 |\n")
+    assert doc_table.main([str(report / "other.md")]) == 2
+    assert "no 'KL vs ... (active)' column" in capsys.readouterr().err
 
 
 def test_report_of_a_folder_without_reference_exits_2(tmp_path, capsys):

@@ -60,6 +60,8 @@ def test_tune_writes_a_valid_winner_with_its_held_out_interval_and_resumes(tmp_p
     assert [s.type for s in policy.decode.scorers][0] == "ema" and 0.5 <= policy.decode.scorers[0].alpha <= 0.99
     assert "# Held-out: 2 prompts x 10 tokens at decode budget 4: KL (active steps)" in best
     assert "# Against recency:" in best and "paired KL ratio - 1" in best
+    prompts, space = files
+    assert f"# Command: momentkv tune --budget 4 --space {space} --prompts {prompts} --proxy-tokens 8" in best
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["kl_active"]["mean"] > 0 and summary["proxy_kl"] > 0
     assert "## Best trials" in (out / "tune.md").read_text()
@@ -84,7 +86,7 @@ def test_a_trial_is_never_pruned_after_its_last_batch(tmp_path, files, monkeypat
     assert _tune(tmp_path / "two", files, "--trials", "2") == 2
     err = capsys.readouterr().err
     assert len(re.findall(r"trial \d+: pruned after 1 prompts", err)) == 2
-    assert "no trial ran to the end (2 pruned or invalid" in err
+    assert "no trial ran to the end (2 pruned or invalid)" in err
 
 
 def test_resuming_with_another_setup_exits_2(tmp_path, files, monkeypatch, capsys):

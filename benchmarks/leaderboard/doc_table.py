@@ -5,7 +5,8 @@
 A report's results.md holds one table per prompt set ("all", "free", "grounded"); the page shows, per policy and
 budget, the KL over the steps with eviction with its interval and the top-1 agreement over all prompts, the paired
 change against the report's baseline over all prompts and each kind, and the slots the cache held. Rows follow
-``--order`` (policy names; the rest after them, alphabetically), budgets as given.
+``--order`` within each budget (policy names; the rest after them, alphabetically); budgets in the order of
+``--budgets``, or numerically (decode budgets, then totals) without it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ def baseline_column(header: list[str]) -> tuple[int, str]:
         found = re.match(r"KL vs (.+) \(active\)", name)
         if found:
             return i, found.group(1)
-    raise SystemExit("no 'KL vs ... (active)' column: is this a momentkv report's results.md?")
+    raise ValueError("no 'KL vs ... (active)' column: is this a momentkv report's results.md?")
+
+
+def _budget_value(budget: str) -> tuple[int, int]:
+    """Decode budgets before total budgets ('T n'), each in numeric order."""
+    total = budget.startswith("T ")
+    digits = budget[2:] if total else budget
+    return (int(total), int(digits) if digits.isdigit() else 0)
 
 
 def table(sections, order: list[str], budgets: list[str] | None, counts: dict[str, str]) -> str:
@@ -56,7 +64,7 @@ def table(sections, order: list[str], budgets: list[str] | None, counts: dict[st
     keys = [(r[0], r[1]) for r in rows if r[0] != "full" and (budgets is None or r[1] in budgets)]
     rank = {name: i for i, name in enumerate(order)}
     budget_rank = {b: i for i, b in enumerate(budgets or [])}
-    keys.sort(key=lambda k: (budget_rank.get(k[1], len(budget_rank)), k[1],
+    keys.sort(key=lambda k: (budget_rank.get(k[1], len(budget_rank)), _budget_value(k[1]),
                              rank.get(k[0], len(rank)), k[0]))
     n = {k: counts.get(k, "?") for k in by_kind}
     lines = [f"| policy | budget | KL, all {n['all']} | top-1 | vs {baseline}, all | "
@@ -84,7 +92,11 @@ def main(argv=None) -> int:
     if "all" not in sections:
         print(f"{args.results}: no '## all prompts' table", file=sys.stderr)
         return 2
-    print(table(sections, args.order, args.budgets, counts))
+    try:
+        print(table(sections, args.order, args.budgets, counts))
+    except ValueError as err:
+        print(f"{args.results}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,8 +4,8 @@
 
 For each batch of 8 held-out prompts (as `momentkv eval` batches them): the prefill's wall time under the policy
 and the mean time of the first decode steps, then the prefill's share of a pass of N = 1,024 steps estimated
-from them. The first steps stay below the decode budget and skip scoring, so later steps cost more than they do:
-the estimate is an upper bound on the share.
+from them. The first steps score but stay below the decode budget, so they never rank or evict: later steps cost
+more than they do, and the estimate is an upper bound on the share.
 """
 
 from __future__ import annotations

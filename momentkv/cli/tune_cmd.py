@@ -151,7 +151,7 @@ def _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, o
     study.optimize(objective, n_trials=todo, callbacks=[lambda s, t: bar.update(1)])
     bar.close()
     if tuning.completed(study) == 0:
-        return _fail(f"no trial ran to the end ({tuning.finished(study)} pruned or invalid, see the lines above): "
+        return _fail(f"no trial ran to the end ({tuning.finished(study)} pruned or invalid): "
                      "widen the search space or add trials")
     best = study.best_trial
     winner = dict(best.user_attrs["policy"], name=args.name)
