@@ -200,6 +200,13 @@ def _budgeted(results: EvalResults, memory: str) -> list[ConfigResult]:
     return [r for r in results.results if r.config.budget is not None and r.config.memory == memory]
 
 
+def _style(i: int) -> dict:
+    """Colour and marker of the ``i``-th series: 20 colours and 10 markers, so a dozen policies stay apart."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"].colors[i % 20], "marker": "osD^vP*Xh<"[i % 10]}
+
+
 def plot_kl_vs_budget(results: EvalResults, path: Path, memory: str = "decode") -> None:
     """KL against budget per policy, one panel per prompt kind; ``memory``: decode or total budgets."""
     import matplotlib
@@ -211,7 +218,7 @@ def plot_kl_vs_budget(results: EvalResults, path: Path, memory: str = "decode") 
     for ax, kind in zip(axes, KIND_GROUPS):
         idx = _rows_of_kind(results, kind)
         names = sorted({r.config.name for r in chosen})
-        for name in names:
+        for i, name in enumerate(names):
             pts = sorted(((r.config.budget, bootstrap(prompt_values(r, "kl", "active")[idx], results.seed))
                           for r in chosen if r.config.name == name), key=lambda x: x[0])
             pts = [(b, e) for b, e in pts if not np.isnan(e.mean)]
@@ -220,7 +227,7 @@ def plot_kl_vs_budget(results: EvalResults, path: Path, memory: str = "decode") 
             xs = [b for b, _ in pts]
             ys = np.array([e.mean for _, e in pts])
             err = np.array([[e.mean - e.low for _, e in pts], [e.high - e.mean for _, e in pts]])
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=name, **_style(i))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("decode budget (tokens)" if memory == "decode" else "total budget: prompt + generated tokens")
@@ -244,12 +251,13 @@ def plot_kl_vs_step(results: EvalResults, budget: int, path: Path, smooth: int =
         return False
     fig, ax = plt.subplots(figsize=(9, 4.5))
     kernel = np.ones(smooth) / smooth
-    for result in chosen:
+    for i, result in enumerate(chosen):
         curve = mean_curve(result.metrics.kl)
         if not (curve > 0).any():
             continue  # nothing evicted: KL is 0 at every step, off a log axis
         smoothed = np.convolve(curve, kernel, mode="valid") if curve.size >= smooth else curve
-        ax.plot(np.arange(smoothed.size) + (curve.size - smoothed.size), smoothed, label=result.config.name, lw=1.2)
+        ax.plot(np.arange(smoothed.size) + (curve.size - smoothed.size), smoothed, label=result.config.name, lw=1.2,
+                color=_style(i)["color"], ls="-" if i % 2 == 0 else "--")
     if memory == "decode":
         ax.axvline(budget, color="grey", ls=":", lw=1)
     if ax.lines:
