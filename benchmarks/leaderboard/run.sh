@@ -34,7 +34,7 @@ case "$stage" in
         eval_run --budgets 64 128 --policies $decode_policies --out "$out/decode"
         # R-KV and G-KV rank every 128 steps (their cadence), which a budget of 64 does not allow.
         eval_run --budgets 128 --policies rkv.yaml gkv.yaml --out "$out/decode-cadence" ;;
-    ends)   eval_run --budgets 32 256 --policies recency.yaml moment.yaml tova.yaml --out "$out/ends" ;;
+    ends)   eval_run --budgets 32 256 --policies recency.yaml moment.yaml tova.yaml h2o.yaml --out "$out/ends" ;;
     # Each prompt alone against a reference made alone: the full cache replays it exactly, so it is not replayed.
     total)  eval_run --total-budgets 512 --no-full-replay --policies $total_policies --out "$out/total" ;;
     kvpress)
