@@ -150,7 +150,7 @@ def _search(args, model, tokenizer, space, tune, heldout, baselines, sampling, o
     bar = tqdm(total=todo, unit="trial", desc="tune", dynamic_ncols=True)
     study.optimize(objective, n_trials=todo, callbacks=[lambda s, t: bar.update(1)])
     bar.close()
-    if tuning.completed(study) == 0:
+    if tuning.finished(study, pruned=False) == 0:
         return _fail(f"no trial ran to the end ({tuning.finished(study)} pruned or invalid): "
                      "widen the search space or add trials")
     best = study.best_trial

@@ -76,18 +76,13 @@ def open_study(out: Path, setup: Setup, seed: int):
     return study
 
 
-def finished(study) -> int:
+def finished(study, pruned: bool = True) -> int:
+    """Trials that ran to the end, and with ``pruned`` those stopped early too (a pruned trial has a value, the
+    last one it reported, but is never the winner)."""
     import optuna
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=done))
-
-
-def completed(study) -> int:
-    """Trials that ran to the end (a pruned trial has a value too, the last one it reported, but no winner)."""
-    import optuna
-
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    states = (optuna.trial.TrialState.COMPLETE,) + ((optuna.trial.TrialState.PRUNED,) if pruned else ())
+    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def trial_config(space: SearchSpace, trial, setup: Setup, prompt_lengths: list[int]):
