@@ -4,8 +4,8 @@
 
 For each batch of 8 held-out prompts (as `momentkv eval` batches them): the prefill's wall time under the policy
 and the mean time of the first decode steps, then the prefill's share of a pass of N = 1,024 steps estimated
-from them. The first steps score but stay below the decode budget, so they never rank or evict: later steps cost
-more than they do, and the estimate is an upper bound on the share.
+from them. The first steps score (as in a real pass) but stay below the decode budget, so they never rank or
+evict: later steps cost more than they do, and the estimate is an upper bound on the share.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 import momentkv
 from momentkv import models
 from momentkv.eval.batches import make_batches
 from momentkv.eval.prompts import encode_prompts, load_prompts
+from momentkv.eval.stepping import run_steps
 
 
 def main() -> None:
@@ -31,19 +30,18 @@ def main() -> None:
     encoded = encode_prompts(tokenizer, load_prompts(None, split="heldout"))
     prefill = decode = 0.0
     for batch in make_batches(encoded, 8, tokenizer.pad_token_id or 0, "cpu"):
-        with momentkv.patched(model, args.policy) as handle, torch.inference_mode():
-            cache, mask = handle.new_cache(), batch.attention_mask
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        with momentkv.patched(model, args.policy) as handle:
+            # The eval's own loop, told the pass is new_tokens long (so the cache scores as in a real pass),
+            # stopped after the first steps: its first yield comes after the prefill, each next one after a step.
+            steps = run_steps(model, handle.new_cache(), batch.input_ids, batch.attention_mask, args.new_tokens,
+                              lambda _, logits: logits.argmax(-1))
             started = time.perf_counter()
-            out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1)
-            seconds = time.perf_counter() - started
-            last, started = positions[:, -1:], time.perf_counter()
+            next(steps)
+            seconds, started = time.perf_counter() - started, time.perf_counter()
             for _ in range(args.steps):
-                mask, last = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], -1), last + 1
-                out = model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), attention_mask=mask,
-                            position_ids=last, cache=cache, use_cache=True)
+                next(steps)
             step = (time.perf_counter() - started) / args.steps
+            steps.close()
         prefill, decode = prefill + seconds, decode + step * (args.new_tokens - 1)
         print(f"batch of {len(batch.rows)}, prompt width {batch.input_ids.shape[1]}: prefill {seconds:.1f} s, "
               f"one decode step {step:.3f} s")
