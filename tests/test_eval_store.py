@@ -149,3 +149,26 @@ def _load_by_path(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_windows_split_each_pass_into_step_windows(setup, tmp_path, capsys):
+    store, out = _run(setup, tmp_path, ["full.yaml", "recency.yaml", "moment.yaml"])
+    windows = _load_by_path(Path(__file__).resolve().parent.parent / "benchmarks" / "leaderboard" / "windows.py")
+    recency, moment = out.results[1].metrics, out.results[2].metrics
+    assert windows.main([str(store.folder), "--budget", "4", "--window", "5", "--policies", "recency", "moment"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0].lstrip("| "), r[1]) for r in rows] == [
+        ("recency", "0–4"), ("moment", "0–4"), ("recency", "5–9"), ("moment", "5–9"),
+        ("recency", "10–11"), ("moment", "10–11")]
+    # Independently: each prompt's mean KL over the window's steps at or after its first eviction.
+    for row, (start, stop), metrics in zip(rows, [(0, 5), (0, 5), (5, 10), (5, 10), (10, 12), (10, 12)],
+                                           [recency, moment] * 3):
+        kl = metrics.kl.double()
+        per_prompt = []
+        for p in range(kl.shape[0]):
+            steps = [s for s in range(start, stop) if s >= int(metrics.active_from[p])]
+            if steps:
+                per_prompt.append(float(kl[p, steps].mean()))
+        assert row[2].startswith(f"{sum(per_prompt) / len(per_prompt):.3f} [") if per_prompt else row[2] == "—"
+    assert windows.main([str(store.folder), "--budget", "4", "--policies", "tova"]) == 2
+    assert "no pass of ['tova'] at decode budget 4" in capsys.readouterr().err
