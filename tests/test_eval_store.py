@@ -151,24 +151,42 @@ def _load_by_path(path: Path):
     return module
 
 
+def _window_means(metrics, start: int, stop: int) -> list[float | None]:
+    """Each prompt's mean KL over the steps in [start, stop) at or after its first eviction (None if none)."""
+    kl = metrics.kl.double()
+    means = []
+    for p in range(kl.shape[0]):
+        steps = [s for s in range(start, stop) if s >= int(metrics.active_from[p])]
+        means.append(float(kl[p, steps].mean()) if steps else None)
+    return means
+
+
 def test_windows_split_each_pass_into_step_windows(setup, tmp_path, capsys):
     store, out = _run(setup, tmp_path, ["full.yaml", "recency.yaml", "moment.yaml"])
     windows = _load_by_path(Path(__file__).resolve().parent.parent / "benchmarks" / "leaderboard" / "windows.py")
     recency, moment = out.results[1].metrics, out.results[2].metrics
-    assert windows.main([str(store.folder), "--budget", "4", "--window", "5", "--policies", "recency", "moment"]) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [(r[0].lstrip("| "), r[1]) for r in rows] == [
-        ("recency", "0–4"), ("moment", "0–4"), ("recency", "5–9"), ("moment", "5–9"),
-        ("recency", "10–11"), ("moment", "10–11")]
-    # Independently: each prompt's mean KL over the window's steps at or after its first eviction.
-    for row, (start, stop), metrics in zip(rows, [(0, 5), (0, 5), (5, 10), (5, 10), (10, 12), (10, 12)],
-                                           [recency, moment] * 3):
-        kl = metrics.kl.double()
-        per_prompt = []
-        for p in range(kl.shape[0]):
-            steps = [s for s in range(start, stop) if s >= int(metrics.active_from[p])]
-            if steps:
-                per_prompt.append(float(kl[p, steps].mean()))
-        assert row[2].startswith(f"{sum(per_prompt) / len(per_prompt):.3f} [") if per_prompt else row[2] == "—"
+    for window, bounds in [(5, [(0, 5), (5, 10), (10, 12)]), (3, [(0, 3), (3, 6), (6, 9), (9, 12)])]:
+        assert windows.main([str(store.folder), "--budget", "4", "--window", str(window),
+                             "--policies", "recency", "moment"]) == 0
+        rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+        assert [(r[0].lstrip("| "), r[1]) for r in rows] == [
+            (name, f"{start}–{stop - 1}") for start, stop in bounds for name in ("recency", "moment")]
+        for (start, stop), (base_row, row) in zip(bounds, zip(rows[::2], rows[1::2])):
+            base, mine = _window_means(recency, start, stop), _window_means(moment, start, stop)
+            for cells, means in [(base_row, base), (row, mine)]:
+                values = [m for m in means if m is not None]
+                assert cells[2].startswith(f"{sum(values) / len(values):.3f} [") if values else cells[2] == "—"
+            assert base_row[3].strip(" |") == "—"  # the baseline against itself
+            # The paired change: mean over prompts with both means, moment's over recency's, minus one.
+            pairs = [(a, b) for a, b in zip(mine, base) if a is not None and b is not None]
+            if pairs and sum(b for _, b in pairs) > 0:
+                change = 100 * (sum(a for a, _ in pairs) / sum(b for _, b in pairs) - 1)
+                assert row[3].startswith(f"{change:+.1f}% [")
+            else:
+                assert row[3].strip(" |") == "—"
+        if window == 3:  # budget 4: nothing is evicted before step 4, so the first window has no KL to show
+            assert rows[0][2] == "—" and rows[1][3].strip(" |") == "—"
     assert windows.main([str(store.folder), "--budget", "4", "--policies", "tova"]) == 2
     assert "no pass of ['tova'] at decode budget 4" in capsys.readouterr().err
+    assert windows.main([str(store.folder.parent), "--budget", "4"]) == 2
+    assert "holds no finished reference" in capsys.readouterr().err

@@ -13,6 +13,7 @@ jointly): the same estimators as ``momentkv report`` (``momentkv/eval/aggregate.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,9 +32,15 @@ def window_means(record: dict, start: int, stop: int):
 
 def passes_at(folder: Path, budget: int) -> dict[str, dict]:
     """``{policy name: pass record}`` for the finished momentkv passes at decode budget ``budget``."""
+    if passfile.read_meta(folder) is None:
+        raise ValueError(f"{folder} holds no finished reference (give a folder written by momentkv eval --store, "
+                         "not the store itself)")
     found = {}
     for path in passfile.list_passes(folder):
-        record = passfile.read_pass(path)
+        try:
+            record = passfile.read_pass(path)
+        except Exception as error:  # a truncated or foreign file: name it rather than fail with a traceback
+            raise ValueError(f"cannot read the pass file {path}: {error}") from error
         if record.get("error") is None and record.get("memory") == "decode" and record.get("budget") == budget:
             found[record["name"]] = record
     return found
@@ -60,6 +67,9 @@ def table(folder: Path, budget: int, window: int, baseline: str, policies: list[
 
 
 def _percent(estimate) -> str:
+    """The paired change as a percentage with its interval, or "—" where no prompt has both means."""
+    if math.isnan(estimate.mean):
+        return "—"
     return f"{100 * estimate.mean:+.1f}% [{100 * estimate.low:+.1f}, {100 * estimate.high:+.1f}]"
 
 
