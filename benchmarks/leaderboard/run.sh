@@ -8,7 +8,8 @@
 #        total (equal total memory 512: prompt-intact against whole-cache), kvpress (its presses at total 512),
 #        report (merge the store's passes into OUT/report, and those at total budgets into OUT/report-total,
 #        compared there with kvpress's TOVA press, or TOTAL_BASELINE).
-# KVPRESS_ARGS adds options to the kvpress runner (e.g. "--no-full --threads 1").
+# PRESSES and INTERVALS choose the kvpress presses and compression intervals (default: interval 1; "default" is
+# DecodingPress's own); KVPRESS_ARGS adds options to the kvpress runner (e.g. "--no-full --threads 1").
 # Policies run in the order given, most informative first, so an interrupted stage still leaves the main rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +46,7 @@ case "$stage" in
         ref=$(reference 1 total)
         bash benchmarks/peers/kvpress/setup.sh > /dev/null
         benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --reference "$ref" \
-            --total-budgets 512 --intervals 1 --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} \
+            --total-budgets 512 --intervals ${INTERVALS:-1} --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} \
             --skip-done ${KVPRESS_ARGS:-} ;;
     report)
         ref=$(reference 8 decode); .venv/bin/momentkv report "$ref" --out "$out/report"
