@@ -14,7 +14,7 @@ POLICY = {"decode": {"budget": 3, "scorers": [{"type": "recency"}]}}
 def _logits(model, inputs):
     try:
         return model(**inputs).logits
-    except (ImportError, AttributeError, RuntimeError) as error:  # a spoiled model fails the same way before and after
+    except (ImportError, AttributeError, RuntimeError, ValueError) as error:  # spoiled: fails alike before and after
         return f"{type(error).__name__}: {error}"
 
 
@@ -78,7 +78,9 @@ def _generation_setting(name, value):
 def _flash_attention(model):
     try:
         model.set_attn_implementation("flash_attention_2")
-    except ImportError:  # the package is not installed: put the model in the state loading with it gives
+    # flash-attn is not installed: transformers raises ImportError, or from 5.25 a ValueError when it cannot reach
+    # the hub's kernel in its place (offline). Put the model in the state loading with it gives.
+    except (ImportError, ValueError):
         model.config._attn_implementation_internal = "flash_attention_2"
     return model, POLICY
 
