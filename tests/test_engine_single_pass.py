@@ -39,12 +39,13 @@ def test_attend_matches_sdpa(dtype, shape):
     expected = _sdpa(query, key, value, allowed, d**-0.5)
     assert out.dtype == dtype and out.shape == (b, q, heads, d)
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
-    # Against float64: never less accurate than SDPA itself, beyond a few units in the last place. SDPA's CPU
-    # kernel takes a different vector path per CPU (AVX-512 or AVX2), so its own error moves from machine to
-    # machine: with 9 keys in float32 it was 3.6 units below ours on an AVX2 CPU, 1 on an AVX-512 one.
+    # Against float64: never less accurate than SDPA itself, beyond two units in the last place. SDPA's CPU
+    # kernel rounds differently per CPU, so its own error moves from machine to machine: on an AMD EPYC (AVX2)
+    # with 9 keys in float32, ours is 3.6 units from float64 and SDPA's 1.8 (a gap of 1.8 units; within one
+    # unit on the machines before it, and at most 0.25 for every other case here).
     exact = _sdpa(query.double(), key.double(), value.double(), allowed, d**-0.5)
     ours, theirs = (out.double() - exact).abs().max(), (expected.double() - exact).abs().max()
-    assert ours <= theirs + 4 * ULP[dtype] * exact.abs().max()
+    assert ours <= theirs + 2 * ULP[dtype] * exact.abs().max()
     assert probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(b, kv, heads // kv, q))
     assert bool((probs[~allowed.unsqueeze(1).expand_as(probs)] == 0).all())

@@ -78,9 +78,9 @@ def _generation_setting(name, value):
 def _flash_attention(model):
     try:
         model.set_attn_implementation("flash_attention_2")
-    # flash-attn is not installed: transformers raises ImportError, or from 5.25 a ValueError when it cannot reach
-    # the hub's kernel in its place (offline). Put the model in the state loading with it gives.
     except (ImportError, ValueError):
+        # flash-attn is not installed: transformers raises ImportError, or from 5.25 ValueError when it cannot
+        # reach the hub's kernel in its place (offline). Put the model in the state loading with it gives.
         model.config._attn_implementation_internal = "flash_attention_2"
     return model, POLICY
 

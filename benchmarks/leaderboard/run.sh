@@ -46,8 +46,8 @@ case "$stage" in
         ref=$(reference 1 total)
         bash benchmarks/peers/kvpress/setup.sh > /dev/null
         benchmarks/peers/kvpress/.venv/bin/python benchmarks/peers/kvpress/run.py --reference "$ref" \
-            --total-budgets 512 --intervals ${INTERVALS:-1} --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} \
-            --skip-done ${KVPRESS_ARGS:-} ;;
+            --total-budgets 512 --intervals ${INTERVALS:-1} \
+            --presses ${PRESSES:-tova keydiff streaming_llm knorm expected_attention} --skip-done ${KVPRESS_ARGS:-} ;;
     report)
         ref=$(reference 8 decode); .venv/bin/momentkv report "$ref" --out "$out/report"
         # Total budgets have their own reference, made one prompt at a time; an N without one has no such report.
