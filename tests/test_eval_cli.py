@@ -90,8 +90,8 @@ def test_complete_run_writes_every_output(tmp_path, prompts, monkeypatch):
     code = _eval(out, prompts, "--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "64", "--seed", "1")
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["kl_vs_budget.png", "kl_vs_step_B4.png", "kl_vs_step_B64.png", "prompts.csv", "raw.pt",
-                     "results.csv", "results.md"]
+    assert names == [".momentkv-output.json", "kl_vs_budget.png", "kl_vs_step_B4.png", "kl_vs_step_B64.png",
+                     "prompts.csv", "raw.pt", "results.csv", "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.jsonl"]  # no temporary folder left
     rows = list(csv.DictReader(open(out / "results.csv")))
     kl = {(r["label"], r["kind"], r["steps"]): float(r["mean"]) for r in rows if r["metric"] == "kl"}
@@ -170,3 +170,89 @@ def test_a_total_budget_that_a_prompt_fills_exits_2(tmp_path, prompts, monkeypat
     assert _eval(out, prompts, "--policies", "recency.yaml", "--total-budgets", "10") == 2
     assert "total budget 10 leaves no room" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- the output folder
+def _no_model(monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+
+
+def test_a_folder_holding_other_files_is_refused_before_any_work_and_kept(tmp_path, prompts, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "main.py").write_text("print('mine')\n")
+    (out / "notes.md").write_text("my notes\n")
+    assert _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4") == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds files that momentkv eval did not write (notes.md, src)" in err
+    assert "choose a new or empty folder" in err
+    assert (out / "src" / "main.py").read_text() == "print('mine')\n" and (out / "notes.md").read_text() == "my notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "src"]
+
+
+@pytest.mark.parametrize("under, message", [(False, "is a file, not a folder"), (True, "is a file; choose another")])
+def test_an_out_path_that_cannot_be_a_folder_exits_2_before_any_work(tmp_path, prompts, monkeypatch, capsys, under,
+                                                                     message):
+    _no_model(monkeypatch)
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    assert _eval(blocker / "sub" if under else blocker, prompts) == 2
+    assert message in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_a_store_that_is_a_file_exits_2_before_any_work(tmp_path, prompts, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    store = tmp_path / "store"
+    store.write_text("x")
+    assert _eval(tmp_path / "out", prompts, "--store", str(store)) == 2
+    assert f"--store {store} is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dot_writes_into_an_empty_working_folder_and_refuses_a_full_one(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert _eval(".", prompts, "--policies", "recency.yaml", "--budgets", "4") == 0
+    assert {"results.md", "results.csv", "raw.pt"} <= {p.name for p in here.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left beside
+    # The working folder holding the prompt file is not an output folder: refused before the model loads.
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert _eval(".", prompts, "--policies", "recency.yaml", "--budgets", "4") == 2
+    assert "already holds files that momentkv eval did not write" in capsys.readouterr().err
+
+
+def test_tilde_is_the_home_folder(tmp_path, prompts, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert _eval("~/results", prompts, "--policies", "recency.yaml", "--budgets", "4") == 0
+    assert (tmp_path / "home" / "results" / "results.md").is_file()
+
+
+def test_a_rerun_replaces_its_own_files_only(tmp_path, prompts, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    out = tmp_path / "out"
+    assert _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4", "64") == 0
+    (out / "notes.md").write_text("kept\n")  # the user's file, added after the first run
+    first = (out / "results.md").read_text()
+    assert _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4", "--seed", "3") == 0
+    names = {p.name for p in out.iterdir()}
+    assert "kl_vs_step_B64.png" not in names  # the first run's file that the second does not write
+    assert (out / "notes.md").read_text() == "kept\n" and "kl_vs_step_B4.png" in names
+    assert (out / "results.md").read_text() != first and "--seed 3" in (out / "results.md").read_text()
+
+
+def test_a_folder_written_before_manifests_counts_as_a_previous_run(tmp_path, prompts, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.md", "results.csv", "kl_vs_step_B32.png"):
+        (out / name).write_text("old")
+    assert _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4") == 0
+    assert "kl_vs_step_B32.png" not in {p.name for p in out.iterdir()}
+    assert (out / "results.md").read_text() != "old"

@@ -2,20 +2,20 @@
 
 Every input is checked before any output exists: an unknown policy, a budget <= 0, an empty or malformed
 prompt file, sampling settings out of range, a total budget that a prompt fills, or a model that cannot be
-loaded ends with a message and exit code 2. Outputs are written to a temporary folder beside ``--out`` and
-moved into place only once complete. With ``--store DIR`` the reference and every finished pass are also
+loaded ends with a message and exit code 2, and so does an output folder that holds files this command did
+not write (:mod:`momentkv.cli.outputs`). Outputs are written to a staging folder and moved into ``--out``
+only once complete; a previous run's files there are replaced, nothing else is touched. With ``--store DIR`` the reference and every finished pass are also
 saved under DIR, and a rerun loads them instead of recomputing (a long run can be stopped and continued).
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from momentkv.cli.command_line import typed_command
 from momentkv.cli.imports import add_import_option, import_modules
+from momentkv.cli.outputs import EVAL, STORE, OutputPathError, check_output_folder, publish
 
 EXIT_USAGE = 2
 DEFAULT_TEMPERATURE = 0.7
@@ -55,7 +55,9 @@ def register(subparsers) -> None:
                    help="skip the full cache's own replay (a check: its KL to a reference made at the same batch "
                         "size is 0)")
     p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the table")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or written by an earlier momentkv eval (its files are "
+                        "replaced; nothing else in it is touched)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, of torch and of a sampled reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_import_option(p)
@@ -102,7 +104,16 @@ def run(args) -> int:
     from momentkv.eval.configs import build_configs, build_total_configs
     from momentkv.eval.prompts import encode_prompts, load_prompts
 
-    problem = _check_numbers(args) or import_modules(args.imports)
+    problem = _check_numbers(args)
+    if problem:
+        return _fail(problem)
+    try:
+        out = check_output_folder(args.out, EVAL)
+        if args.store:
+            check_output_folder(args.store, STORE, option="--store")
+    except OutputPathError as err:
+        return _fail(str(err))
+    problem = import_modules(args.imports)
     if problem:
         return _fail(problem)
     sources = [p for p in args.policies if Path(p).stem != "full" or Path(p).is_file()]
@@ -115,9 +126,6 @@ def run(args) -> int:
     except PolicyError as err:
         return _fail(str(err))
     records = records[: args.limit] if args.limit else records
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _fail(f"--out {out} exists and is not a folder")
 
     from momentkv import models
 
@@ -164,20 +172,9 @@ def _evaluate(args, model, encoded, records, configs, suppressed, pad_id, out: P
                        batch_size=args.batch_size, seed=args.seed, free_run=not args.no_free_running,
                        progress=not args.no_progress, model_name=args.model, sampling=sampling, store=store,
                        log=lambda line: tqdm.write(line, file=sys.stderr))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        write_outputs(results, tmp, command=command, baseline=args.baseline)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(out, EVAL, lambda folder: write_outputs(results, folder, command=command, baseline=args.baseline))
+    except OutputPathError as err:  # the folder changed during the run
+        return _fail(str(err))
     print(f"wrote {out}/results.md, results.csv and plots")
     return 0
