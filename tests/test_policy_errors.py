@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from momentkv import PolicyError, load_policy, testing
-from momentkv.policy import dump_policy, loads_policy
+from momentkv.policy import dump_policy, dump_policy_data, loads_policy
 from momentkv.policy.loader import MAX_DEPTH, MAX_NODES
 from momentkv.scoring import scorer_names
 
@@ -161,7 +161,7 @@ def test_invalid_policies_name_the_expected_field(case):
     problems = [d for d in info.value.details if d.path == case.path]
     assert problems, (case, info.value.problems)
     assert any(case.expect in d.message for d in problems), (case, info.value.problems)
-    text = yaml.safe_dump(case.data, sort_keys=False)
+    text = dump_policy_data(case.data)  # quoted as the loader reads YAML (a name "08" is text)
     with pytest.raises(PolicyError) as from_yaml:
         loads_policy(text, "case.yaml")
     lines = text.splitlines()
@@ -204,3 +204,111 @@ def test_load_policy_takes_yaml_text_and_explains_one_line_yaml():
         assert "YAML text is taken only when it spans several lines" in problem
     with pytest.raises(PolicyError, match="no such policy file, and not a built-in policy"):
         load_policy("my-policy.yaml")
+
+
+# ----------------------------------------------------------------- YAML 1.2's core schema, scalar by scalar
+@pytest.mark.parametrize(("written", "value"), [
+    ("64", 64), ("+64", 64), ("0", 0), ("0o100", 64), ("0x40", 64), ("0x4f", 79),
+])
+def test_integers_are_read_as_yaml_1_2_reads_them(written, value):
+    policy = loads_policy(f"decode:\n  budget: 8\n  uncompressed_layers: [{written}]\n  scorers: [ema]\n")
+    assert policy.decode.uncompressed_layers == [value]
+
+
+@pytest.mark.parametrize(("written", "value"), [
+    ("1e-6", 1e-6), ("1.5", 1.5), ("-2", -2), (".5", 0.5), ("1.", 1.0), ("-1E+2", -100.0),
+])
+def test_floats_of_every_yaml_1_2_form(written, value):
+    policy = loads_policy(f"decode:\n  budget: 8\n  scorers:\n    - {{type: ema, weight: {written}}}\n")
+    assert policy.decode.scorers[0].weight == value
+
+
+@pytest.mark.parametrize("written", [".inf", "-.inf", "+.INF", ".nan", ".NaN"])
+def test_infinities_and_nan_are_floats_and_refused_where_a_finite_number_belongs(written):
+    with pytest.raises(PolicyError) as info:
+        loads_policy(f"decode:\n  budget: 8\n  scorers:\n    - {{type: ema, weight: {written}}}\n", "t.yaml")
+    (problem,) = info.value.problems
+    assert problem.startswith("t.yaml:4 decode.scorers[0].weight: must be a finite number, got "), problem
+
+
+@pytest.mark.parametrize(("written", "value"), [
+    ("true", True), ("True", True), ("TRUE", True), ("false", False), ("False", False), ("FALSE", False),
+])
+def test_booleans_are_only_true_and_false(written, value):
+    policy = loads_policy(f"decode:\n  budget: 8\n  scorers:\n    - {{type: ema, bias_correction: {written}}}\n")
+    assert policy.decode.scorers[0].bias_correction is value
+
+
+@pytest.mark.parametrize("written", ["~", "null", "Null", "NULL", ""])
+def test_null_forms(written):
+    policy = loads_policy(f"decode:\n  budget: {{ratio: 0.5, cap: {written}}}\n  scorers: [ema]\n")
+    assert policy.decode.budget.cap is None
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    # both versions read these as numbers, with different values: refused in every field
+    ("064", "064 has a leading zero, which YAML 1.1 reads as octal 52 and YAML 1.2 as 64: write 64, 0o64 for "
+            "the octal number, or '064' (quoted) for text"),
+    ("08", "08 has a leading zero, which YAML 1.1 reads as text and YAML 1.2 as 8: write 8, or '08' (quoted) "
+           "for text"),
+    ("-010", "-010 has a leading zero, which YAML 1.1 reads as octal -8 and YAML 1.2 as -10: write -10, or "
+             "'-010' (quoted) for text"),
+])
+def test_a_leading_zero_is_refused_with_both_readings(written, expected):
+    with pytest.raises(PolicyError) as info:
+        loads_policy(f"name: x\ndecode:\n  budget: {written}\n  scorers: [ema]\n", "t.yaml")
+    assert info.value.problems == [f"t.yaml:3 decode.budget: {expected}"]
+    with pytest.raises(PolicyError) as info:  # a text field too: quoting is the way to write text
+        loads_policy(f"name: {written}\n", "t.yaml")
+    assert info.value.problems == [f"t.yaml:1 name: {expected}"]
+    assert loads_policy(f"name: '{written}'\n").name == written
+
+
+_BOOL_FIELD = "budget: 8\n  scorers: [{{type: ema, bias_correction: {}}}]"
+
+
+@pytest.mark.parametrize(("decode", "written", "expected"), [
+    ("budget: {}\n  scorers: [ema]", "1_000", "decode.budget: must be an integer, a {ratio, floor, cap} mapping, "
+     "or a list of integers, got '1_000'; YAML 1.2 reads 1_000 as text (YAML 1.1 as 1000): write 1000"),
+    ("budget: 8\n  cadence: {}\n  scorers: [ema]", "1:30", "decode.cadence: must be an integer, got '1:30'; "
+     "YAML 1.2 reads 1:30 as text (YAML 1.1 as 90 (base 60)): write 90"),
+    ("budget: 8\n  cadence: {}\n  scorers: [ema]", "0b11", "decode.cadence: must be an integer, got '0b11'; "
+     "YAML 1.2 reads 0b11 as text (YAML 1.1 as 3): write 3"),
+    ("budget: 8\n  recent: {}\n  scorers: [ema]", "-0x10", "decode.recent: must be an integer (tokens) or "
+     "{fraction: f} (a share of the layer's budget), got '-0x10'; YAML 1.2 reads -0x10 as text (YAML 1.1 as "
+     "-16): write -16"),
+    (_BOOL_FIELD, "yes", "decode.scorers[0].bias_correction: must be true or false, got 'yes'; YAML 1.2 reads "
+     "yes as text (YAML 1.1 as true): write true"),
+    (_BOOL_FIELD, "on", "decode.scorers[0].bias_correction: must be true or false, got 'on'; YAML 1.2 reads "
+     "on as text (YAML 1.1 as true): write true"),
+    (_BOOL_FIELD, "no", "decode.scorers[0].bias_correction: must be true or false, got 'no'; YAML 1.2 reads "
+     "no as text (YAML 1.1 as false): write false"),
+    (_BOOL_FIELD, "Off", "decode.scorers[0].bias_correction: must be true or false, got 'Off'; YAML 1.2 reads "
+     "Off as text (YAML 1.1 as false): write false"),
+    ("budget: 8\n  scorers: [{{type: ema, alpha: {}}}]", "0_5.5", "decode.scorers[0].alpha: must be a number, "
+     "got '0_5.5'; YAML 1.2 reads 0_5.5 as text (YAML 1.1 as 5.5): write 5.5"),
+])
+def test_yaml_1_1_forms_are_text_and_a_number_field_says_what_to_write(decode, written, expected):
+    text = f"name: x\ndecode:\n  {decode.format(written)}\n"
+    line = 1 + next(i for i, row in enumerate(text.splitlines()) if written in row)
+    with pytest.raises(PolicyError) as info:
+        loads_policy(text, "t.yaml")
+    assert info.value.problems == [f"t.yaml:{line} {expected}"]
+
+
+def test_the_hint_is_given_only_for_yaml():
+    """A str in a mapping is text whatever it looks like: no word about YAML's versions."""
+    with pytest.raises(PolicyError) as info:
+        load_policy({"decode": {"budget": "1_000", "scorers": ["ema"]}})
+    assert "YAML" not in str(info.value)
+    with pytest.raises(PolicyError) as info:  # quoted: text in both versions
+        loads_policy("decode:\n  budget: '1000'\n  scorers: [ema]\n")
+    assert "YAML" not in str(info.value)
+
+
+@pytest.mark.parametrize("written", ["yes", "no", "on", "off", "Yes", "NO", "y", "n", "1_000", "1:30", "0b11",
+                                     "2024-01-01", "-0x10", "=", "0X40", "1e", "0o8"])
+def test_yaml_1_1_forms_are_text_in_a_text_field(written):
+    policy = loads_policy(f"name: {written}\ndescription: {written}\n")
+    assert (policy.name, policy.description) == (written, written)
+    assert loads_policy(dump_policy(policy)) == policy

@@ -19,9 +19,11 @@ def test_dump_then_load_gives_the_same_policy(policy):
     assert load_policy(policy_to_data(policy)) == policy
 
 
-@pytest.mark.parametrize("text", ["0E0", "1e-6", "-.5", ".5e3", "+2E+1", "1.0", "12", "null", "yes", "~"])
+@pytest.mark.parametrize("text", ["0E0", "1e-6", "-.5", ".5e3", "+2E+1", "1.0", "12", "null", "yes", "~", "0o7",
+                                  "0x1F", "064", "08", "-010", ".NaN", "+.inf", "1_000", "1:30", "TRUE", "NULL"])
 def test_text_that_reads_as_a_number_is_quoted_in_the_dump(text):
-    """The loader reads YAML 1.2 floats (``1e-6``); a description spelled like one must come back as text."""
+    """The loader reads YAML 1.2's core schema (``1e-6``, ``0o7``; ``08`` refused), and YAML 1.1 tools read
+    ``yes`` and ``1_000`` as values: a description spelled like any of them must come back as text."""
     policy = loads_policy(f"name: p\ndescription: '{text}'\n")
     assert policy.description == text
     assert loads_policy(dump_policy(policy)) == policy

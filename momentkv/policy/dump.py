@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from momentkv.policy.loader import resolve_yaml12_floats
 from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
+from momentkv.policy.yaml12 import quote_core_schema
 
 
 class _PolicyDumper(yaml.SafeDumper):
@@ -25,9 +25,9 @@ def _represent_list(dumper: yaml.SafeDumper, data: list):
 
 
 _PolicyDumper.add_representer(list, _represent_list)
-# The loader reads YAML 1.2's floats (`1e-6`, `0E0`); the dumper must know them too, or it would write such a
-# string plain and the loader would read it back as a number.
-resolve_yaml12_floats(_PolicyDumper)
+# The loader reads YAML 1.2's core schema (`1e-6` and `0o7` are numbers, `08` is refused); the dumper must know
+# it too, or it would write such a string plain and the loader would read it back as something else.
+quote_core_schema(_PolicyDumper)
 
 # Characters YAML folds or normalises inside single-quoted and plain scalars (NEL, line and paragraph
 # separators, carriage return, BOM): strings holding them are written double-quoted, where they are escaped.
@@ -67,9 +67,12 @@ def policy_to_data(policy: Policy) -> dict[str, Any]:
 
 def dump_policy(policy: Policy) -> str:
     """``policy`` as YAML text that loads back to an equal policy."""
-    return yaml.dump(
-        policy_to_data(policy), Dumper=_PolicyDumper, sort_keys=False, allow_unicode=True, width=100,
-    )
+    return dump_policy_data(policy_to_data(policy))
+
+
+def dump_policy_data(data: Any) -> str:
+    """Plain data (dicts, lists, scalars) as YAML text that the policy loader reads back as the same data."""
+    return yaml.dump(data, Dumper=_PolicyDumper, sort_keys=False, allow_unicode=True, width=100)
 
 
 def _describe_budget(decode: DecodePolicy) -> str:

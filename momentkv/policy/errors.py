@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from momentkv.errors import Problem
 from momentkv.policy.annotations import Shape, locate, model_of, shape_of
+from momentkv.policy.yaml12 import yaml11_hint
 
 
 def format_path(path: tuple) -> str:
@@ -80,9 +81,21 @@ _TYPE_WORDS = {
 }
 
 
-def describe(error: dict, root: type[BaseModel], path: tuple, data: Any, shape: Shape | None = None) -> str:
+def describe(error: dict, root: type[BaseModel], path: tuple, data: Any, shape: Shape | None = None,
+             from_yaml: bool = False) -> str:
     """What was expected, in the policy's words, for one pydantic error (``shape``: what the schema expects
-    at the error's place, from :func:`~momentkv.policy.annotations.locate`)."""
+    at the error's place, from :func:`~momentkv.policy.annotations.locate`). ``from_yaml``: the value was
+    read from YAML, so text where a number or a boolean belongs says what YAML 1.1 would have read."""
+    message = _expected(error, root, path, data, shape)
+    got = error.get("input")
+    hint = yaml11_hint(got) if from_yaml and isinstance(got, str) and error["type"] in _TYPED else None
+    return f"{message}; {hint}" if hint else message
+
+
+_TYPED = {*_TYPE_WORDS, "budget_form", "protection_form", "capacity_form"} - {"string_type"}
+
+
+def _expected(error: dict, root: type[BaseModel], path: tuple, data: Any, shape: Shape | None) -> str:
     kind, ctx, got = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in _BOUND_WORDS:
         interval = shape.bounds.interval() if shape is not None else None
@@ -154,5 +167,6 @@ def problems_from_validation(
             if mark is not None:
                 break
         where, line = mark if mark is not None else (origin, None)
-        problems.append(Problem(describe(error, root, path, data, shape), where, line, format_path(path)))
+        message = describe(error, root, path, data, shape, from_yaml=line is not None)
+        problems.append(Problem(message, where, line, format_path(path)))
     return sorted(set(problems), key=lambda p: (p.origin, p.line or 0, p.path, p.message))

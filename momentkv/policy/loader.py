@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from momentkv.errors import PolicyError, Problem
 from momentkv.policy.errors import format_path, problems_from_validation
 from momentkv.policy.schema import Policy
+from momentkv.policy.yaml12 import NotPortable, use_core_schema
 
 PolicySource = Policy | dict | str | Path
 
@@ -52,8 +53,8 @@ class PolicyData:
 
 
 class _DepthLimitedLoader(yaml.SafeLoader):
-    """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses), and the
-    floats of YAML 1.2 (see :data:`_YAML12_FLOAT`)."""
+    """The safe loader, composing nodes only, with a bound on nesting (PyYAML's composer recurses), reading
+    scalars by YAML 1.2's core schema (see :mod:`momentkv.policy.yaml12`)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -71,18 +72,7 @@ class _DepthLimitedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-# PyYAML resolves plain scalars by YAML 1.1, whose floats need a dot and a signed exponent: `eps: 1e-6` and
-# `weight: -.5` would be read as text and refused. YAML 1.2 (and every other YAML reader people use) reads
-# them as numbers, as users write them. Only the forms 1.1 leaves as text are added; ints resolve first.
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)$")
-
-
-def resolve_yaml12_floats(resolver: type) -> None:
-    """Make a PyYAML loader or dumper class read (or, dumping, quote) the floats :data:`_YAML12_FLOAT` adds."""
-    resolver.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
-
-
-resolve_yaml12_floats(_DepthLimitedLoader)
+use_core_schema(_DepthLimitedLoader)
 
 
 def _yaml_problem(err: yaml.YAMLError, origin: str) -> Problem:
@@ -127,6 +117,9 @@ class _NodeReader:
     def scalar(self, node, path: tuple) -> Any:
         try:
             value = self.loader.construct_object(node)
+        except NotPortable as err:
+            self.problem(str(err), node, path)
+            return None
         except Exception as err:  # noqa: BLE001  (a bad int, date, tag... in arbitrary text is the user's error)
             self.problem(f"cannot read value {node.value[:40]!r}: {getattr(err, 'problem', None) or err}", node, path)
             return None
