@@ -92,6 +92,22 @@ def _pickled():
     pickle.dumps(model)
 
 
+def _dynamic_cache_loop():
+    model = tiny_model("llama")
+    momentkv.patch(model, {"decode": {"budget": 2, "scorers": [{"type": "ema"}]}})
+    inputs = prompts(1, 3)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+        model(input_ids=inputs["input_ids"][:, :1], cache=cache, use_cache=True)
+
+
+def _switched_attention():
+    model = tiny_model("llama")
+    handle = momentkv.patch(model)
+    model.config._attn_implementation = "flex_attention"
+    handle.new_cache()
+
+
 TRIGGERS = {
     "not_a_model": lambda: momentkv.patch(object()),
     "base_model": _patch(lambda: tiny_model("llama").model),
@@ -108,6 +124,8 @@ TRIGGERS = {
     "foreign_cache": _generate(cache=DynamicCache()),
     "empty": lambda: momentkv.patch(tiny_model("llama")).model.generate(input_ids=torch.zeros((1, 0), dtype=torch.long)),
     "stale": _stale_cache,
+    "dynamic_cache_loop": _dynamic_cache_loop,
+    "switched_attention": _switched_attention,
 }
 
 

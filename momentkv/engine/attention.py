@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from momentkv.engine.group_attention import attend, group_mean
+from momentkv.errors import PolicyError
 from momentkv.kernels import fused_decode_attention, triton_available
 
 PREFIX = "momentkv"
@@ -49,6 +50,15 @@ def _fused_step(query, key, value, mask, scaling):
     return out.unsqueeze(1), attention
 
 
+# Keys beyond the query with no momentkv layer attached: the model holds a cache that momentkv does not bound
+# (a forward given no cache creates a DynamicCache). generate() refuses such a cache; so does a manual loop.
+_FOREIGN_CACHE = (
+    "a patched model attended to {} cached tokens in a cache that is not momentkv's (a forward given no cache "
+    "creates a DynamicCache), which would grow without bound: give manual forward loops handle.new_cache() as "
+    "their cache (or use model.generate()); to run with a full cache, handle.remove() first"
+)
+
+
 def make_attention_function(base: Callable, additive_mask: bool, single_pass: bool) -> Callable:
     """Wrap ``base`` (an attention function of transformers' signature) with momentkv's scoring.
 
@@ -59,6 +69,8 @@ def make_attention_function(base: Callable, additive_mask: bool, single_pass: bo
     def momentkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         layer = kwargs.pop("momentkv_layer", None)
         if layer is None:
+            if key.shape[2] > query.shape[2]:
+                raise PolicyError(_FOREIGN_CACHE.format(key.shape[2] - query.shape[2]))
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scaling = module.scaling if scaling is None else scaling
         mask = layer.attention_mask(attention_mask, query, key, additive_mask)

@@ -118,8 +118,9 @@ def check_generation_config(config, where: str = "generation_config.") -> None:
 def check_model(model, base_implementation: str | None = None):
     """Return the family adapter and base attention implementation, or raise ``PolicyError``.
 
-    Checked in order: not a compiled model, a supported family, a supported attention implementation, the
-    parameters' dtype, the attention modules' structure, and the model's generation config.
+    Checked in order: not a compiled model, a supported family, a model with a language-model head (a base
+    model of a patched model says so, not that momentkv's attention is unsupported), a supported attention
+    implementation, the parameters' dtype, the attention modules' structure, and the model's generation config.
     """
     if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
         raise PolicyError(
@@ -134,17 +135,17 @@ def check_model(model, base_implementation: str | None = None):
         raise PolicyError(
             f"unsupported model type {model_type!r}: momentkv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if not callable(getattr(type(model), "generate", None)):
+        raise PolicyError(
+            f"{type(model).__name__} is a base model without a language-model head (it has no generate): patch the "
+            f"causal LM that holds it (e.g. {model_type.capitalize()}ForCausalLM), whose generate() momentkv wraps"
+        )
     implementation = base_implementation or config._attn_implementation
     if implementation not in SUPPORTED_ATTENTION:
         raise PolicyError(
             f"unsupported attention implementation {implementation!r}: momentkv needs the attention weights it "
             f"scores with, and supports {', '.join(SUPPORTED_ATTENTION)}; load the model with "
             "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first"
-        )
-    if not callable(getattr(type(model), "generate", None)):
-        raise PolicyError(
-            f"{type(model).__name__} is a base model without a language-model head (it has no generate): patch the "
-            f"causal LM that holds it (e.g. {model_type.capitalize()}ForCausalLM), whose generate() momentkv wraps"
         )
     check_dtype(model)
     check_attention_modules(model, config.get_text_config(decoder=True))
@@ -154,17 +155,39 @@ def check_model(model, base_implementation: str | None = None):
     return adapter, implementation
 
 
+def _generation_setting(model, kwargs: dict, name: str):
+    """``name`` as ``generate`` resolves it: a keyword, else the ``generation_config`` passed, else the model's."""
+    if name in kwargs:
+        return kwargs[name]
+    for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            return value
+    return None
+
+
 def max_new_tokens(model, kwargs: dict, prompt_length: int) -> int | None:
-    """How many tokens this ``generate`` call may add (``None`` when it cannot be told)."""
-    if kwargs.get("max_new_tokens") is not None:
-        return int(kwargs["max_new_tokens"])
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    max_length = kwargs.get("max_length")
-    if max_length is None and config is not None:
-        if getattr(config, "max_new_tokens", None) is not None:
-            return int(config.max_new_tokens)
-        max_length = getattr(config, "max_length", None)
-    return None if max_length is None else max(int(max_length) - prompt_length, 0)
+    """How many tokens this ``generate`` call may add, as transformers resolves it (``None``: cannot be told).
+
+    Follows ``GenerationMixin._prepare_generation_config`` and ``_prepare_generated_length`` (transformers 5.x):
+    each setting is the keyword, else the ``generation_config`` passed, else ``model.generation_config``;
+    ``max_new_tokens`` wins over ``max_length`` wherever either was set; ``max_length`` counts the prompt,
+    except when no one set it, where its default (20) counts new tokens. An over-estimate only keeps scoring
+    on; an under-estimate would switch eviction off, so where the length cannot be told exactly (a prompt given
+    as ``inputs_embeds``, an unknown setting) the answer is ``None`` and the budget is enforced.
+    """
+    new = _generation_setting(model, kwargs, "max_new_tokens")
+    if new is not None:
+        return int(new)
+    if kwargs.get("inputs_embeds") is not None:
+        return None
+    max_length = _generation_setting(model, kwargs, "max_length")
+    if max_length is None:  # transformers' default: that many *new* tokens
+        from transformers import GenerationConfig
+
+        default = getattr(GenerationConfig, "_get_default_generation_params", dict)().get("max_length")
+        return None if default is None else int(default)
+    return max(int(max_length) - prompt_length, 0)
 
 
 def prompt_of(args: tuple, kwargs: dict):

@@ -17,7 +17,7 @@ import weakref
 from momentkv.engine.attention import register_attention
 from momentkv.engine.cache import EvictingCache
 from momentkv.engine.checks import (
-    check_dtype, check_generate_kwargs, check_model, max_new_tokens, prompt_length,
+    SUPPORTED_ATTENTION, check_dtype, check_generate_kwargs, check_model, max_new_tokens, prompt_length,
 )
 from momentkv.engine.parallel import check_tensor_parallel
 from momentkv.engine.plan import build_plans
@@ -53,15 +53,16 @@ class PatchedGenerate:
         handle = self._handle
         model = handle.model
         check_generate_kwargs(model, kwargs, args)
+        handle.follow_attention_switch()
         check_dtype(model)
         length = prompt_length(args, kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if kwargs.get("use_cache", True) is not False and cache is None:
             cache = kwargs[self._cache_kwarg] = handle.new_cache()
-            if length is not None:
-                cache.expect(length, max_new_tokens(model, kwargs, length))
-        elif isinstance(cache, EvictingCache) and length is not None:
-            cache.expect(length)  # a conversation continued: everything given is context
+        if isinstance(cache, EvictingCache) and length is not None:
+            # Everything given is context (the prompt, or a conversation so far); then at most this many
+            # generated tokens, which tells each layer whether its budget can be reached in this call.
+            cache.expect(length, max_new_tokens(model, kwargs, length))
         return self._original(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -113,6 +114,29 @@ class Handle:
         twin.active = True
         return twin
 
+    def follow_attention_switch(self) -> None:
+        """Follow a ``model.set_attn_implementation(...)`` made after ``patch()``.
+
+        A switch to another supported implementation (``sdpa`` <-> ``eager``) is followed: momentkv's function
+        for it takes over, and ``remove()`` restores that implementation. A switch to anything else raises
+        ``PolicyError`` before any work (momentkv would otherwise be bypassed without a word).
+        """
+        model = self.model
+        if not self.active or model is None:
+            return
+        current = model.config._attn_implementation
+        if current == self.attention_name:
+            return
+        if current not in SUPPORTED_ATTENTION:
+            raise PolicyError(
+                f"the model's attention implementation was switched to {current!r} after momentkv.patch(): "
+                f"momentkv supports {', '.join(SUPPORTED_ATTENTION)}; call model.set_attn_implementation('sdpa') "
+                "(or 'eager'), or handle.remove() to run the model without momentkv"
+            )
+        self.attention_name = register_attention(current, self.adapter.model_type, self.adapter.eager_attention())
+        self.base_implementation = current
+        model.set_attn_implementation(self.attention_name)
+
     def new_cache(self, prompt_length: int | None = None) -> EvictingCache:
         """A fresh evicting cache for this model and policy (for manual forward loops, or ``generate(cache=...)``).
 
@@ -122,6 +146,7 @@ class Handle:
         """
         model = self.model
         if model is not None:
+            self.follow_attention_switch()
             check_dtype(model)  # the model may have been converted since patch()
         self.last_cache = EvictingCache(self.plans, self.policy.name, prompt_length)
         return self.last_cache
