@@ -1,7 +1,9 @@
 """What a prefill compressor is, the registry of them, and the parts every compressor shares.
 
 A prefill compressor chooses, at the end of the prompt's forward pass, which prompt tokens each layer and
-KV head keeps. It is a pydantic model (its fields are its parameters, validated strictly as a scorer's are)
+KV head keeps. In a conversation continued through the same cache, each later user turn is compressed the
+same way, on its own, when it is complete: to a compressor, a turn is a prompt (its tokens, its capacity,
+its own last queries); the context kept before it is not offered again (see docs/prefill.md). It is a pydantic model (its fields are its parameters, validated strictly as a scorer's are)
 with three methods: ``window_size`` (how many of the last prompt queries it reads), ``layer_capacity`` (how
 many prompt tokens a layer keeps) and ``select`` (which ones).
 
@@ -46,7 +48,10 @@ Capacity = Annotated[
 
 @dataclass
 class PrefillContext:
-    """What a compressor may read for one layer at the end of the prompt.
+    """What a compressor may read for one layer at the end of the prompt (or of a later user turn).
+
+    ``prompt`` below is the chunk being compressed: the first prompt, or a later turn of a conversation on
+    its own (the context kept before it is not part of it).
 
     Attributes:
         layer_idx, num_layers: where this layer sits in the model.
@@ -54,6 +59,9 @@ class PrefillContext:
         window_attention: ``(batch, kv_heads, groups, window, prompt)`` float32, the softmax attention of the
             last ``window`` prompt queries, per query head (``groups`` query heads share each KV head), under
             the prompt's causal, padding and sliding-window mask. Rows of padding queries are all zero.
+            For a later turn the softmax runs over every key its queries attended to (the earlier context
+            and generated tokens the cache holds too), and only the turn's columns are given: a row then
+            sums to less than one.
             ``None`` when the compressor asked for no window (``window_size() == 0``). ``window`` may be
             smaller than asked for when the prompt is shorter.
         valid: ``(batch, prompt)`` bool, False at padding.
