@@ -155,3 +155,23 @@ def test_attention_switch_to_an_unsupported_implementation_is_refused():
     model.config._attn_implementation = handle.attention_name
     handle.remove()
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("policy", ["full.yaml", BUDGET])
+def test_sliding_layers_hold_no_more_memory_than_stock(policy):
+    """Mistral, window 16, 64-token prompt, 50 new tokens: stock's sliding layer shows 15 slots, but they are a
+    view of the 16-slot buffer its last step concatenated, which stays allocated; the patched layer's 16 slots
+    are all the memory it holds. Compared by the bytes of the storage each layer keeps alive."""
+    model = tiny_model("mistral", sliding_window=16)
+    inputs = prompts(batch=1, length=64)
+    stock = model.generate(**inputs, max_new_tokens=50, do_sample=False, return_dict_in_generate=True)
+    stock_bytes = [layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+                   for layer in stock.past_key_values.layers]
+    assert [layer.keys.shape[2] for layer in stock.past_key_values.layers] == [15, 15]
+    with momentkv.patched(model, policy) as handle:
+        model.generate(**inputs, max_new_tokens=50, do_sample=False)
+        cache = handle.last_cache
+    for layer, theirs in zip(cache.layers, stock_bytes):
+        ours = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        assert ours <= theirs, (ours, theirs)
+        assert layer.stats()["kv_bytes"] == ours  # stats count the storage held, not a view of it
