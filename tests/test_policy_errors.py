@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import tracemalloc
 from datetime import timedelta
 
 import pytest
@@ -11,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from momentkv import PolicyError, load_policy, testing
+from momentkv.cli.main import main
 from momentkv.policy import dump_policy, dump_policy_data, loads_policy
-from momentkv.policy.loader import MAX_DEPTH, MAX_NODES
+from momentkv.policy.loader import MAX_DEPTH, MAX_NODES, MAX_TEXT
 from momentkv.scoring import scorer_names
 
 BAD = """\
@@ -312,3 +315,73 @@ def test_yaml_1_1_forms_are_text_in_a_text_field(written):
     policy = loads_policy(f"name: {written}\ndescription: {written}\n")
     assert (policy.name, policy.description) == (written, written)
     assert loads_policy(dump_policy(policy)) == policy
+
+
+# ----------------------------------------------------------------- paths that are not policy files
+def test_a_directory_is_named_as_one(tmp_path, capsys):
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path)
+    assert info.value.problems == [f"{tmp_path}: {str(tmp_path)!r} is a directory, not a policy file"]
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(PolicyError) as info:
+        loads_policy("name: x\nextends: sub\n", "e.yaml", base_dir=tmp_path)
+    assert info.value.problems == [f"e.yaml:2 extends: 'sub' ({tmp_path / 'sub'}) is a directory, not a policy file"]
+    with pytest.raises(PolicyError, match=r"e\.yaml:1 extends: '/' is a directory, not a policy file"):
+        loads_policy("extends: /\n", "e.yaml", base_dir=tmp_path)
+    assert main(["validate", str(tmp_path)]) == 1
+    assert "is a directory, not a policy file" in capsys.readouterr().err
+    (tmp_path / "moment").mkdir()  # a folder does not hide the built-in of that name
+    assert loads_policy("extends: moment\n", "e.yaml", base_dir=tmp_path) == load_policy("moment")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_named_as_one():
+    with pytest.raises(PolicyError) as info:
+        load_policy("/dev/zero")
+    assert info.value.problems == ["/dev/zero: '/dev/zero' is a character device, not a policy file"]
+    with pytest.raises(PolicyError, match=r"e\.yaml:1 extends: '/dev/zero' is a character device"):
+        loads_policy("extends: /dev/zero\n", "e.yaml")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_is_named_as_one_and_never_opened(tmp_path):
+    pipe = tmp_path / "p.yaml"
+    os.mkfifo(pipe)  # opening it would block until a writer came
+    with pytest.raises(PolicyError) as info:
+        load_policy(pipe)
+    assert info.value.problems == [f"{pipe}: {str(pipe)!r} is a named pipe (FIFO), not a policy file"]
+
+
+def test_a_large_file_is_refused_after_reading_at_most_the_limit(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("wb") as f:
+        f.truncate(50 * MAX_TEXT)  # sparse: 50 MB of NUL bytes that take no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(PolicyError) as info:
+            load_policy(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.problems == [f"{path}: file too large: {50 * MAX_TEXT:,} bytes, at most {MAX_TEXT:,}"]
+    assert peak < 3 * MAX_TEXT, peak
+    with pytest.raises(PolicyError, match=r"e\.yaml:1 extends: file too large"):
+        loads_policy("extends: huge.yaml\n", "e.yaml", base_dir=tmp_path)
+    path.write_text("name: x\n" + "#" * (MAX_TEXT - 8))  # exactly the limit: read
+    assert load_policy(path).name == "x"
+
+
+@pytest.mark.parametrize(("written", "suggestion"), [
+    ("moment.yml", "moment.yaml"), ("momnet", "moment"), ("moment-paper.yml", "moment-paper.yaml"),
+    ("h2o.yml", "h2o.yaml"), ("snapkv_moment", "snapkv-moment"),
+])
+def test_a_near_name_of_a_builtin_gets_a_suggestion(written, suggestion, tmp_path):
+    with pytest.raises(PolicyError) as info:
+        load_policy(written)
+    (problem,) = info.value.problems
+    assert f"no such policy file, and not a built-in policy; did you mean {suggestion!r}?" in problem
+    with pytest.raises(PolicyError, match=f"did you mean {suggestion!r}"):
+        loads_policy(f"extends: {written}\n", "e.yaml", base_dir=tmp_path)
+    with pytest.raises(PolicyError) as info:
+        load_policy("zzzz-nothing-like-it.yaml")
+    assert "did you mean" not in str(info.value)

@@ -15,7 +15,10 @@ and overrides it; see :func:`merge_policy_data` for the rules.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -207,29 +210,77 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+_NOT_FILES = [
+    (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+]
+
+
+def _what_is(path: Path) -> str | None:
+    """``"file"`` for a regular file, what else ``path`` is (``"a directory"``...), ``None`` if nothing."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):  # missing, a name too long, a NUL byte...
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    return next((what for test, what in _NOT_FILES if test(mode)), "not a regular file")
+
+
+def _read_file(path: Path, reference: str, origin: str, line: int | None, path_text: str) -> str:
+    """The text of the regular file ``path``, reading at most :data:`MAX_TEXT` + 1 bytes of it."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_TEXT + 1)
+            size = os.fstat(f.fileno()).st_size
+        if len(data) > MAX_TEXT:
+            raise PolicyError(Problem(f"file too large: {max(size, len(data)):,} bytes, at most {MAX_TEXT:,}",
+                                      origin, line, path_text))
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PolicyError(Problem(f"cannot read {reference}: {err}", origin, line, path_text)) from None
+
+
 _BUILTIN = "<built-in>"  # the "folder" of a built-in policy: its extends name built-ins only
+
+
+def _near_builtin(reference: str) -> str | None:
+    """The built-in policy whose name is closest to ``reference`` (``moment.yml`` -> ``moment.yaml``)."""
+    if "/" in reference or "\\" in reference:
+        return None
+    names = builtin_policy_names()
+    if "." not in reference:
+        names = [n.removesuffix(".yaml") for n in names]
+    close = difflib.get_close_matches(reference, names, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _open(reference: str, base_dir, origin: str, line: int | None) -> tuple[str, str, Any, str]:
     """Find ``reference``: ``(display name, text, folder for relative extends, identity for cycles)``.
 
     ``base_dir`` is the extending file's folder, ``None`` for the working directory, or ``_BUILTIN``.
+    A regular file comes first, then a built-in name; a directory, device or pipe of that name is named as
+    what it is (never opened: a pipe would block, a device never end).
     """
     candidate = Path(reference) if base_dir is None else None if base_dir == _BUILTIN else base_dir / reference
-    if reference and candidate is not None and _is_file(candidate):
-        try:
-            text = candidate.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise PolicyError(Problem(f"cannot read {reference}: {err}", origin, line)) from None
+    path_text = "extends" if line is not None else ""
+    what = _what_is(candidate) if reference and candidate is not None else None
+    if what == "file":
+        text = _read_file(candidate, reference, origin, line, path_text)
         return str(Path(reference) if base_dir is None else candidate), text, candidate.parent, str(candidate.resolve())
     builtin = _builtin_name(reference) if reference else None
     if builtin is not None:
         text = builtin_policy_dir().joinpath(builtin).read_text(encoding="utf-8")
         return builtin, text, _BUILTIN, f"builtin:{builtin}"
+    if what is not None:
+        shown = f"{reference!r}" if base_dir is None or Path(reference).is_absolute() else f"{reference!r} ({candidate})"
+        raise PolicyError(Problem(f"{shown} is {what}, not a policy file", origin, line, path_text))
     where = f" (looked in {base_dir})" if isinstance(base_dir, Path) else ""
+    near = _near_builtin(reference)
+    builtins = ", ".join(builtin_policy_names())
+    hint = f"; did you mean {near!r}? (built-ins: {builtins})" if near else f"; built-ins: {builtins}"
     raise PolicyError(Problem(
-        f"{reference!r}: no such policy file{where}, and not a built-in policy; built-ins: "
-        f"{', '.join(builtin_policy_names())}", origin, line, "extends" if line is not None else "",
+        f"{reference!r}: no such policy file{where}, and not a built-in policy{hint}", origin, line, path_text,
     ))
 
 
