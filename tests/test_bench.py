@@ -188,3 +188,24 @@ def test_the_engine_carries_no_instrumentation():
     for source in engine.glob("*.py"):
         text = source.read_text()
         assert "momentkv.bench" not in text and "timer" not in text, source.name
+
+
+def test_bench_refuses_an_out_folder_holding_other_files_before_any_run(tmp_path, monkeypatch, capsys):
+    from momentkv import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    (tmp_path / "thesis.tex").write_text("mine")
+    assert main(["bench", "--out", str(tmp_path), "--policies", "moment.yaml"]) == 2
+    assert "already holds files that momentkv bench did not write (thesis.tex)" in capsys.readouterr().err
+    (tmp_path / "thesis.tex").unlink()
+    (tmp_path / "taken").write_text("x")
+    assert main(["bench", "--out", str(tmp_path / "taken"), "--attention-heavy"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_bench_reruns_into_its_own_folder_and_keeps_other_files(model_dir, tmp_path):
+    assert bench(model_dir, tmp_path, "--budget", "4", "--policies", "moment.yaml", "--no-op-counts")[0] == 0
+    (tmp_path / "notes.md").write_text("mine")
+    code, table, _ = bench(model_dir, tmp_path, "--budget", "4", "--policies", "recency.yaml", "--no-op-counts")
+    assert code == 0 and [r["policy"] for r in table] == ["recency"]
+    assert (tmp_path / "notes.md").read_text() == "mine"

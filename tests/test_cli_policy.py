@@ -80,3 +80,18 @@ def test_every_option_of_these_commands_is_documented():
         if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
     ]
     assert undocumented == []
+
+
+def test_every_command_has_a_description_in_its_help(capsys):
+    from momentkv.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) >= {"validate", "policies", "show", "bench", "eval", "demo", "report", "tune", "lm-eval"}
+    missing = [name for name, sub in commands.items() if len((sub.description or "").strip()) < 20]
+    assert missing == []
+    for name in ("policies", "bench"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        usage, _, rest = capsys.readouterr().out.partition("\n\n")
+        assert rest.startswith(commands[name].description.split()[0])  # the description follows the usage

@@ -256,3 +256,20 @@ def test_a_folder_written_before_manifests_counts_as_a_previous_run(tmp_path, pr
     assert _eval(out, prompts, "--policies", "recency.yaml", "--budgets", "4") == 0
     assert "kl_vs_step_B32.png" not in {p.name for p in out.iterdir()}
     assert (out / "results.md").read_text() != "old"
+
+
+def test_report_checks_its_out_folder_before_reading_the_store(tmp_path, prompts, monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    store = tmp_path / "store"
+    assert _eval(tmp_path / "a", prompts, "--policies", "recency.yaml", "--budgets", "4", "--store", str(store)) == 0
+    (reference,) = store.iterdir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my own results")  # a name the report writes, in a folder it did not write
+    (mine / "draft.txt").write_text("draft")
+    assert main(["report", str(reference), "--out", str(mine)]) == 2
+    assert "already holds files that momentkv report did not write" in capsys.readouterr().err
+    assert (mine / "results.md").read_text() == "my own results"
+    assert main(["report", str(reference), "--out", str(tmp_path / "b")]) == 0
+    assert main(["report", str(reference), "--out", str(tmp_path / "b"), "--seed", "2"]) == 0  # its own folder
+    assert "--seed 2" in (tmp_path / "b" / "results.md").read_text()

@@ -1,4 +1,9 @@
-"""``momentkv bench``: speed and memory of policies against the full cache, measured side by side."""
+"""``momentkv bench``: speed and memory of policies against the full cache, measured side by side.
+
+Bad numbers, policies, ``--import`` modules and an output folder that cannot take the results (a file, or a
+folder holding files this command did not write) end with a message and exit code 2 before any run. The
+results are written into ``--out`` once every run has finished; a previous run's files there are replaced.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ import sys
 from pathlib import Path
 
 from momentkv.cli.imports import add_import_option, import_modules
+from momentkv.cli.outputs import BENCH, OutputPathError, check_output_folder, publish
 
 DEFAULT_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle."
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="tokens/s, KV bytes, peak memory and time split per policy")
+    p = subparsers.add_parser("bench", help="tokens/s, KV bytes, peak memory and time split per policy",
+                              description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 (embedded) or a local path / hub id")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt every run continues (default: a story)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="generated tokens per run")
@@ -33,7 +40,8 @@ def register(subparsers) -> None:
                    help="attention-heavy: cached tokens before decoding")
     p.add_argument("--total-budget", type=int, default=1024, help="attention-heavy: prompt + decode tokens kept")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="folder for bench.csv, bench.png and bench.md (attention-heavy: .md and .json)")
+                   help="folder for bench.csv, bench.png and bench.md (attention-heavy: .md and .json): new, empty, "
+                   "or written by an earlier momentkv bench (its files are replaced; nothing else is touched)")
     add_import_option(p)
     p.set_defaults(func=run)
 
@@ -57,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     if any(n <= 0 for n in args.lengths) or args.repeats <= 0 or (args.budget is not None and args.budget <= 0):
         print("momentkv bench: lengths, repeats and budget must be positive", file=sys.stderr)
         return 2
+    try:
+        args.out = check_output_folder(args.out, BENCH)
+    except OutputPathError as err:
+        print(f"momentkv bench: error: {err}", file=sys.stderr)
+        return 2
     problem = import_modules(args.imports)
     if problem:
         print(f"momentkv bench: {problem}", file=sys.stderr)
@@ -72,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"momentkv bench: results are keyed by policy name and {', '.join(map(repr, repeated))} would be "
               "ambiguous; give each policy a distinct 'name' (and none the name 'unpatched')", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.attention_heavy:
         return _attention_heavy(args)
 
@@ -96,9 +108,14 @@ def run(args: argparse.Namespace) -> int:
     table = report.rows(summaries, reference=reference)
     text = report.markdown_table(table)
     print(text)
-    report.write_csv(table, args.out / "bench.csv")
-    report.plot(table, args.out / "bench.png", f"{args.model}: tokens/s and KV bytes")
-    (args.out / "bench.md").write_text(text + "\n")
+
+    def write(folder: Path) -> None:
+        report.write_csv(table, folder / "bench.csv")
+        report.plot(table, folder / "bench.png", f"{args.model}: tokens/s and KV bytes")
+        (folder / "bench.md").write_text(text + "\n")
+
+    if _publish(args.out, write):
+        return 2
     print(f"wrote {args.out / 'bench.csv'}, {args.out / 'bench.png'}, {args.out / 'bench.md'}")
     return 0
 
@@ -114,6 +131,19 @@ def _attention_heavy(args: argparse.Namespace) -> int:
                                    policy=args.policies[-1] if args.policies else "moment.yaml", progress=bar)
     text = attention_heavy.markdown_table(rows)
     print(text)
-    (args.out / "attention_heavy.md").write_text(text + "\n")
-    (args.out / "attention_heavy.json").write_text(json.dumps(rows, indent=2))
-    return 0
+
+    def write(folder: Path) -> None:
+        (folder / "attention_heavy.md").write_text(text + "\n")
+        (folder / "attention_heavy.json").write_text(json.dumps(rows, indent=2))
+
+    return 2 if _publish(args.out, write) else 0
+
+
+def _publish(out: Path, write) -> bool:
+    """Write the results into ``out`` (see :func:`momentkv.cli.outputs.publish`); True if that was refused."""
+    try:
+        publish(out, BENCH, write)
+    except OutputPathError as err:  # the folder changed during the runs
+        print(f"momentkv bench: error: {err}", file=sys.stderr)
+        return True
+    return False

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from momentkv.cli.command_line import typed_command
+from momentkv.cli.outputs import REPORT, OutputPathError, check_output_folder, publish
 
 EXIT_USAGE = 2
 
@@ -19,7 +20,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="merge every pass saved against a reference into one report",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("reference", help="a reference folder inside a --store folder of momentkv eval")
-    p.add_argument("--out", required=True, help="output folder (created; files in it are replaced)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or written by an earlier momentkv report (its files are "
+                        "replaced; nothing else in it is touched)")
     p.add_argument("--baseline", default="recency", help="policy each KL is compared with in the tables")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--bench", default=None, help="a momentkv bench CSV: adds KL against tokens/s (Pareto front)")
@@ -46,6 +49,11 @@ def run(args) -> int:
     if args.bench is not None and not Path(args.bench).is_file():
         print(f"momentkv report: error: {args.bench}: no such bench CSV", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        out = check_output_folder(args.out, REPORT)
+    except OutputPathError as err:
+        print(f"momentkv report: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     folder = Path(args.reference)
     try:
         results, failures = load_saved(folder, seed=args.seed)
@@ -55,18 +63,25 @@ def run(args) -> int:
     if not results.results:
         print(f"momentkv report: error: {folder} holds no finished pass", file=sys.stderr)
         return EXIT_USAGE
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = typed_command(args)
-    write_outputs(results, out, command=command, baseline=args.baseline)
-    md = out / "results.md"
-    extra = failures_section(failures)
-    if args.bench is not None:
-        front = plot_fidelity_vs_speed(results, read_bench(Path(args.bench)), args.bench_budget,
-                                       out / f"fidelity_vs_speed_B{args.bench_budget}.png")
-        extra += (f"\n## Fidelity against speed at decode budget {args.bench_budget}\n\nSpeeds from {args.bench}. "
-                  f"Pareto front (no other policy both faster and more faithful): {', '.join(front) or 'none'}.\n")
-    if extra:
-        md.write_text(md.read_text(encoding="utf-8") + "\n" + extra, encoding="utf-8")
+
+    def write(folder: Path) -> None:
+        write_outputs(results, folder, command=command, baseline=args.baseline)
+        md = folder / "results.md"
+        extra = failures_section(failures)
+        if args.bench is not None:
+            front = plot_fidelity_vs_speed(results, read_bench(Path(args.bench)), args.bench_budget,
+                                           folder / f"fidelity_vs_speed_B{args.bench_budget}.png")
+            extra += (f"\n## Fidelity against speed at decode budget {args.bench_budget}\n\nSpeeds from "
+                      f"{args.bench}. Pareto front (no other policy both faster and more faithful): "
+                      f"{', '.join(front) or 'none'}.\n")
+        if extra:
+            md.write_text(md.read_text(encoding="utf-8") + "\n" + extra, encoding="utf-8")
+
+    try:
+        publish(out, REPORT, write)
+    except OutputPathError as err:  # the folder changed while the report was made
+        print(f"momentkv report: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"wrote {out}/results.md ({len(results.results)} passes, {len(failures)} failed)")
     return 0
