@@ -175,3 +175,37 @@ def test_sliding_layers_hold_no_more_memory_than_stock(policy):
         ours = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
         assert ours <= theirs, (ours, theirs)
         assert layer.stats()["kv_bytes"] == ours  # stats count the storage held, not a view of it
+
+
+@torch.no_grad()
+def test_eager_attention_weights_are_in_slot_order():
+    """``output_attentions=True`` under eviction: column ``j`` of a layer's weights is the token at that layer's
+    ``positions[..., j]`` (slot order, as documented), checked at layer 0, whose keys do not depend on what was
+    evicted: the weights equal the full cache's, restricted to the kept tokens and renormalised."""
+    from loops import positions_for, token_stream
+
+    policy = {"decode": {"budget": 4, "scorers": [{"type": "instantaneous"}]}}
+    inputs = prompts(length=6)
+    stream = token_stream(1, 20)
+    full_model, model = tiny_model("llama", "eager"), tiny_model("llama", "eager")
+    handle = momentkv.patch(model, policy)
+    cache = handle.new_cache()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    full = full_model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    pos = positions_for(mask)[:, -1:] + 1
+    for tok in stream:
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        step = dict(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    output_attentions=True)
+        theirs = full_model(cache=full, **step).attentions[0][:, :, -1]  # (b, H, N) over every token
+        ours = model(cache=cache, **step).attentions[0][:, :, -1]  # (b, H, S) over the slots
+        pos = pos + 1
+    layer = cache.layers[0]
+    in_order = layer.positions.sort(dim=-1).values
+    assert layer.evicted > 0 and not torch.equal(layer.positions, in_order)  # slot order is not sequence order
+    group = ours.shape[1] // layer.positions.shape[1]
+    slots = layer.positions.repeat_interleave(group, dim=1)  # (b, H, S): the token each query head's column holds
+    kept = theirs.gather(-1, slots)
+    torch.testing.assert_close(ours, kept / kept.sum(-1, keepdim=True))
+    handle.remove()
