@@ -273,3 +273,15 @@ def test_report_checks_its_out_folder_before_reading_the_store(tmp_path, prompts
     assert main(["report", str(reference), "--out", str(tmp_path / "b")]) == 0
     assert main(["report", str(reference), "--out", str(tmp_path / "b"), "--seed", "2"]) == 0  # its own folder
     assert "--seed 2" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_plots_where_no_policy_evicted_draw_no_empty_legend(tmp_path, prompts, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), FakeTokenizer()))
+    out = tmp_path / "out"
+    with warnings.catch_warnings():  # matplotlib's warning for a legend() with nothing labelled, as an error
+        warnings.filterwarnings("error", message="No artists with labels")
+        # 8 tokens never fill a budget of 64: no curve, no point, on either plot; one of 4 evicts.
+        assert _eval(out, prompts, "--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "64") == 0
+    assert (out / "kl_vs_step_B64.png").is_file() and (out / "kl_vs_budget.png").is_file()

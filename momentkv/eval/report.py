@@ -207,6 +207,17 @@ def _style(i: int) -> dict:
     return {"color": matplotlib.colormaps["tab20"].colors[i % 20], "marker": "osD^vP*Xh<"[i % 10]}
 
 
+def _legend(ax, axes=None, **kwargs) -> None:
+    """A legend on ``ax`` of the labelled series of ``axes`` (default: ``ax``), each label once; none when
+    nothing is labelled (a plot where no policy evicted), which matplotlib would otherwise warn about."""
+    entries: dict[str, object] = {}
+    for each in axes if axes is not None else [ax]:
+        for handle, label in zip(*each.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        ax.legend(list(entries.values()), list(entries), **kwargs)
+
+
 def plot_kl_vs_budget(results: EvalResults, path: Path, memory: str = "decode") -> None:
     """KL against budget per policy, one panel per prompt kind; ``memory``: decode or total budgets."""
     import matplotlib
@@ -234,7 +245,7 @@ def plot_kl_vs_budget(results: EvalResults, path: Path, memory: str = "decode") 
         ax.set_title(f"{kind} prompts (n={idx.size})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("KL(full || policy), steps with eviction")
-    axes[-1].legend(fontsize=7, loc="best")
+    _legend(axes[-1], axes, fontsize=7, loc="best")
     fig.suptitle(f"{results.model_name}: KL vs budget, {results.steps} tokens, 95% bootstrap CI over prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -267,7 +278,7 @@ def plot_kl_vs_step(results: EvalResults, budget: int, path: Path, smooth: int =
     what = "budget" if memory == "decode" else "total budget"
     ax.set_title(f"{results.model_name}: KL vs step at {what} {budget}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -365,7 +376,7 @@ def plot_fidelity_vs_speed(results: EvalResults, speeds: dict[str, float], budge
     ax.set_ylabel("KL(full || policy), steps with eviction")
     ax.set_title(f"{results.model_name}: fidelity against speed at decode budget {budget}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
