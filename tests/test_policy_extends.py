@@ -62,12 +62,14 @@ def test_relative_extends_chain_and_errors_point_at_the_writing_file(tmp_path):
     assert [(d.origin, d.line, d.path) for d in info.value.details] == [
         (str(tmp_path / "bad.yaml"), 3, "decode.sinks")
     ]
+    # a rule between two fields points at the one this file wrote, and names the other with its place
     (tmp_path / "bad2.yaml").write_text("extends: mid.yaml\n\n\ndecode:\n  recent: 40\n")
     with pytest.raises(PolicyError) as info:
         load_policy(tmp_path / "bad2.yaml")
     (detail,) = info.value.details
-    assert (detail.origin, detail.line, detail.path) == (str(tmp_path / "shared" / "base.yaml"), 2, "decode.budget")
-    assert "must be at least 40" in detail.message
+    assert (detail.origin, detail.line, detail.path) == (str(tmp_path / "bad2.yaml"), 5, "decode.recent")
+    assert detail.message == (f"must be at most 32 (the budget 32 minus sinks 0), got 40; decode.budget is 32 "
+                              f"({tmp_path / 'shared' / 'base.yaml'}:2)")
 
 
 def test_cycles_are_detected(tmp_path):
@@ -91,3 +93,58 @@ def test_bad_extends_values(tmp_path):
 
 def test_extends_in_a_mapping_source():
     assert load_policy({"extends": "tova", "name": "t2"}).decode == load_policy("tova").decode
+
+
+def test_a_value_from_a_mapping_is_never_blamed_on_the_base_file():
+    """The 16 came from the mapping: the problems sit there, and name gkv.yaml's lines for what they met."""
+    with pytest.raises(PolicyError) as info:
+        load_policy({"extends": "gkv.yaml", "decode": {"budget": 16}})
+    assert info.value.problems == [
+        "<dict> decode.budget: must be at least 17 (sinks + max(recent, 1) = 17 tokens are protected), got 16; "
+        "decode.recent is 17 (gkv.yaml:20)",
+        "<dict> decode.budget: must be at least the cadence (128), got 16: between evictions a layer would hold "
+        "more than twice its budget; decode.cadence is 128 (gkv.yaml:21)",
+    ]
+    with pytest.raises(PolicyError) as info:  # a field of its own: the mapping, never a line of gkv.yaml
+        load_policy({"extends": "gkv.yaml", "decode": {"sinks": -1}})
+    assert [(d.origin, d.line, d.path) for d in info.value.details] == [("<dict>", None, "decode.sinks")]
+
+
+def test_a_rule_points_at_the_field_the_extending_file_wrote():
+    with pytest.raises(PolicyError) as info:
+        loads_policy("extends: moment.yaml\ndecode:\n  recent: 200\n", "mine.yaml")
+    assert info.value.problems == [
+        "mine.yaml:3 decode.recent: must be at most 128 (the budget 128 minus sinks 0), got 200; decode.budget is "
+        "128 (moment.yaml:13)",
+    ]
+    with pytest.raises(PolicyError) as info:  # sinks written here, recent in the base
+        loads_policy("extends: gkv.yaml\ndecode:\n  sinks: 120\n", "mine.yaml")
+    assert info.value.problems == [
+        "mine.yaml:3 decode.sinks: must be at most 111 (the budget 128 minus max(recent, 1) = 17), got 120; "
+        "decode.budget is 128 (gkv.yaml:19), decode.recent is 17 (gkv.yaml:20)",
+    ]
+    with pytest.raises(PolicyError) as info:  # the budget written here: the budget it is
+        loads_policy("extends: gkv.yaml\ndecode:\n  budget: [256, 16]\n  cadence: 8\n", "mine.yaml")
+    assert info.value.problems == [
+        "mine.yaml:3 decode.budget[1]: must be at least 17 (sinks + max(recent, 1) = 17 tokens are protected), "
+        "got 16; decode.recent is 17 (gkv.yaml:20)",
+    ]
+    with pytest.raises(PolicyError) as info:  # both fractions matter; the one written here carries it
+        loads_policy("extends: h2o.yaml\ndecode:\n  sinks: {fraction: 0.75}\n", "mine.yaml")
+    assert info.value.problems == [
+        "mine.yaml:3 decode.sinks.fraction: sinks and recent fractions add up to 1.25: together they may protect "
+        "at most the whole budget (1); decode.recent.fraction is 0.5 (h2o.yaml:5)",
+    ]
+
+
+def test_a_ratio_budget_rule_points_at_the_bound_written_last(tmp_path):
+    (tmp_path / "base.yaml").write_text("decode:\n  budget: {ratio: 0.5, floor: 4, cap: 8}\n  scorers: [ema]\n")
+    with pytest.raises(PolicyError) as info:
+        loads_policy("extends: base.yaml\ndecode:\n  budget: {floor: 32}\n", "mine.yaml", base_dir=tmp_path)
+    assert info.value.problems == [
+        f"mine.yaml:3 decode.budget.floor: must be at most cap (8), got 32; decode.budget.cap is 8 "
+        f"({tmp_path / 'base.yaml'}:2)",
+    ]
+    with pytest.raises(PolicyError) as info:  # one file: the rule's own field, nothing more
+        loads_policy("decode:\n  budget: {ratio: 0.5, floor: 32, cap: 8}\n  scorers: [ema]\n", "one.yaml")
+    assert info.value.problems == ["one.yaml:2 decode.budget.cap: must be at least floor (32), got 8"]

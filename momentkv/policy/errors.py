@@ -144,7 +144,9 @@ def _flatten(errors: list[dict], prefix: tuple = ()) -> list[dict]:
         if error["type"] == "component_invalid":
             out.extend(_flatten(ctx["errors"], loc))
         elif error["type"] == "policy_rule":
-            out.extend({"type": "rule", "loc": loc + tuple(at), "msg": msg, "ctx": {}} for at, msg in ctx["problems"])
+            for at, msg, *others in ctx["problems"]:
+                others = [(loc + tuple(other), text) for other, text in (others[0] if others else [])]
+                out.append({"type": "rule", "loc": loc + tuple(at), "msg": msg, "ctx": {"others": others}})
         elif "at" in ctx:
             out.append({**error, "loc": loc + tuple(ctx["at"])})
         else:
@@ -152,10 +154,18 @@ def _flatten(errors: list[dict], prefix: tuple = ()) -> list[dict]:
     return out
 
 
+Mark = tuple[str, "int | None"]
+
+
 def problems_from_validation(
-    err: ValidationError, data: Any, marks: dict[tuple, tuple[str, int]], origin: str, root: type | None = None,
+    err: ValidationError, data: Any, marks: dict[tuple, Mark], origin: str, root: type | None = None,
+    layers: tuple[str, ...] = (),
 ) -> list[Problem]:
-    """One :class:`Problem` per error of ``err`` (raised validating ``data``), placed with ``marks``."""
+    """One :class:`Problem` per error of ``err`` (raised validating ``data``), placed with ``marks``.
+
+    ``layers``: the origins of the data, the one written last first (an extending file, then its base...).
+    A rule between fields is reported at the field written last (see :func:`_place_rule`).
+    """
     root = _root(root)
     root_shape = shape_of(root)
     problems = []
@@ -168,5 +178,51 @@ def problems_from_validation(
                 break
         where, line = mark if mark is not None else (origin, None)
         message = describe(error, root, path, data, shape, from_yaml=line is not None)
+        others = (error.get("ctx") or {}).get("others")
+        if others:
+            candidates = [(path, message, (where, line))]
+            for loc, text in others:
+                other = locate(root_shape, loc, data)[0]
+                candidates.append((other, text, marks.get(other)))  # only where written: a default moves nothing
+            path, message, (where, line) = _place_rule(candidates, data, layers or (origin,))
         problems.append(Problem(message, where, line, format_path(path)))
     return sorted(set(problems), key=lambda p: (p.origin, p.line or 0, p.path, p.message))
+
+
+def _place_rule(candidates: list[tuple[tuple, str | None, Mark | None]], data: Any,
+                layers: tuple[str, ...]) -> tuple[tuple, str, Mark]:
+    """Where to report a rule between fields, and what to say there.
+
+    ``candidates``: ``(path, message there or None, where it was written or None)``, the rule's own field
+    first. The problem goes to the field written last (the earliest origin in ``layers``; on a tie, the rule's
+    own field): a user who extends ``moment.yaml`` with ``recent: 200`` reads about ``recent`` on their own
+    line, not about ``moment.yaml``'s budget. The other fields the rule reads that were written elsewhere are
+    named with their place, so both ends of the conflict are in the message.
+    """
+    def rank(mark: Mark) -> int:
+        return layers.index(mark[0]) if mark[0] in layers else len(layers)
+
+    path, message, mark = min((c for c in candidates if c[1] is not None and c[2] is not None),
+                              key=lambda c: rank(c[2]))
+    named = [f"{format_path(p)} is {_written(_value_at(data, p))} ({_where(m)})" for p, _, m in candidates
+             if p != path and m is not None and m[0] != mark[0]]
+    return path, message + (f"; {', '.join(named)}" if named else ""), mark
+
+
+def _where(mark: Mark) -> str:
+    return f"{mark[0]}:{mark[1]}" if mark[1] is not None else mark[0]
+
+
+def _value_at(data: Any, path: tuple) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _written(value: Any) -> str:
+    """A value as YAML writes it in flow style: ``17``, ``0.5``, ``{fraction: 0.5}``, ``[256, 128]``."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_written(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_written(item) for item in value) + "]"
+    return show(value)

@@ -48,11 +48,29 @@ _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 @dataclass
 class PolicyData:
-    """Plain policy data with the place each field came from: ``marks[path] = (origin, line)``."""
+    """Plain policy data with the place each field came from: ``marks[path] = (origin, line)`` (line ``None``
+    for a mapping given in Python); ``layers``: the origins merged into it by ``extends``, the extending one
+    first (empty: ``origin`` alone)."""
 
     data: Any
     origin: str
-    marks: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+    marks: dict[tuple, tuple[str, int | None]] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+
+
+def _marks_of(data: Any, origin: str) -> dict[tuple, tuple[str, None]]:
+    """The paths of plain ``data`` placed in ``origin`` (a mapping has no lines): a value that a mapping
+    overrides is then never placed on the line of the base that it replaced. At most :data:`MAX_NODES` paths
+    :data:`MAX_DEPTH` deep (a mapping given in Python may hold itself)."""
+    marks: dict[tuple, tuple[str, None]] = {}
+    todo = [((), data)]
+    while todo and len(marks) < MAX_NODES:
+        path, value = todo.pop()
+        marks[path] = (origin, None)
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        if len(path) < MAX_DEPTH:
+            todo.extend((path + (key,), child) for key, child in children)
+    return marks
 
 
 class _DepthLimitedLoader(yaml.SafeLoader):
@@ -361,7 +379,8 @@ def resolve_extends(doc: PolicyData, base_dir, chain: tuple[str, ...] = ()) -> P
     description = _inherited_description(name, data)
     if description is not None:
         merged["description"] = description
-    return PolicyData(merged, doc.origin, _merged_marks(merged, base.marks, doc.marks))
+    layers = (doc.origin, *(base.layers or (base.origin,)))
+    return PolicyData(merged, doc.origin, _merged_marks(merged, base.marks, doc.marks), layers)
 
 
 # ----------------------------------------------------------------- validation
@@ -370,14 +389,14 @@ def validate_policy_data(doc: PolicyData) -> Policy:
     try:
         return Policy.model_validate(doc.data)
     except ValidationError as err:
-        raise PolicyError(problems_from_validation(err, doc.data, doc.marks, doc.origin)) from None
+        raise PolicyError(problems_from_validation(err, doc.data, doc.marks, doc.origin, layers=doc.layers)) from None
 
 
 def validate_mapping(data: Any, origin: str = "<dict>") -> Policy:
     """Build a :class:`Policy` from parsed data (``extends`` resolved against the working directory)."""
     if not isinstance(data, dict):
         raise PolicyError(Problem(f"a policy is a mapping of fields, got {_kind(data)}", origin))
-    return validate_policy_data(resolve_extends(PolicyData(data, origin), None, ()))
+    return validate_policy_data(resolve_extends(PolicyData(data, origin, _marks_of(data, origin)), None, ()))
 
 
 def loads_policy(text: str, origin: str = "<text>", base_dir: str | Path | None = None) -> Policy:

@@ -41,9 +41,16 @@ def _listify(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def rule_error(problems: list[tuple[tuple, str]]) -> PydanticCustomError:
-    """A cross-field error that names, for each problem, the field (relative to the model) that breaks it."""
-    details = "; ".join(f"{'.'.join(map(str, at)) or '(model)'}: {msg}" for at, msg in problems)
+def rule_error(problems: list[tuple]) -> PydanticCustomError:
+    """A cross-field error that names, for each problem, the field (relative to the model) that breaks it.
+
+    Each problem is ``(at, message)`` or ``(at, message, others)``: ``others`` lists the other fields the rule
+    reads, as ``(at, message or None)``. The loader reports the problem at the field written last (by the
+    extending file rather than its base; see :func:`momentkv.policy.errors.problems_from_validation`), with that
+    field's message, and names where the other fields were written; ``None``: the field can carry no message
+    of its own (changing it alone cannot fix the problem).
+    """
+    details = "; ".join(f"{'.'.join(map(str, at)) or '(model)'}: {msg}" for at, msg, *_ in problems)
     return PydanticCustomError("policy_rule", "{details}", {"details": details, "problems": problems})
 
 
@@ -57,7 +64,8 @@ class RatioBudget(_Frozen):
     @model_validator(mode="after")
     def _cap_over_floor(self):
         if self.cap is not None and self.cap < self.floor:
-            raise rule_error([(("cap",), f"must be at least floor ({self.floor}), got {self.cap}")])
+            raise rule_error([(("cap",), f"must be at least floor ({self.floor}), got {self.cap}",
+                               [(("floor",), f"must be at most cap ({self.cap}), got {self.floor}")])])
         return self
 
     def tokens(self, generated: int) -> int:
@@ -251,10 +259,10 @@ class DecodePolicy(_Frozen):
         problems = self._protection_problems()
         smallest = min(self.layer_budget_minimums())
         if self.cadence > smallest:
-            problems.append(
-                (("cadence",), f"must be at most the smallest budget ({smallest}), got {self.cadence}: between "
-                 "evictions a layer would hold more than twice its budget")
-            )
+            why = "between evictions a layer would hold more than twice its budget"
+            at = self._budget_places()[self.layer_budget_minimums().index(smallest)][0]
+            problems.append((("cadence",), f"must be at most the smallest budget ({smallest}), got {self.cadence}: "
+                             f"{why}", [(at, f"must be at least the cadence ({self.cadence}), got {smallest}: {why}")]))
         seen: dict[int, int] = {}
         for i, layer in enumerate(self.uncompressed_layers):
             if layer in seen:
@@ -277,31 +285,51 @@ class DecodePolicy(_Frozen):
         the points check).
         """
         problems = []
-        if isinstance(self.budget, list):
-            where = [(("budget", i), b) for i, b in enumerate(self.budget)]
-        elif isinstance(self.budget, RatioBudget):
-            where = [(("budget", "floor"), self.budget.floor)]
-        else:
-            where = [(("budget",), self.budget)]
         relative = isinstance(self.sinks, BudgetFraction) or isinstance(self.recent, BudgetFraction)
         if isinstance(self.sinks, BudgetFraction) and isinstance(self.recent, BudgetFraction):
             total = self.sinks.fraction + self.recent.fraction
             if total > 1.0:  # the cause of every budget they overflow: reported once, here
-                return [(("recent", "fraction"), f"sinks and recent fractions add up to {total:g}: together they "
-                                                 "may protect at most the whole budget (1)")]
-        for at, value in where:
+                message = (f"sinks and recent fractions add up to {total:g}: together they may protect at most the "
+                           "whole budget (1)")
+                return [(("recent", "fraction"), message, [(("sinks", "fraction"), message)])]
+        for at, value in self._budget_places():
             sinks, recent = self.protections_for(value)
             protected = sinks + max(recent, 1)
             if value >= protected:
                 continue
             if not relative:
                 why = f"sinks + max(recent, 1) = {protected} tokens are protected"
-                problems.append((at, f"must be at least {protected} ({why}), got {value}"))
+                problems.append((at, f"must be at least {protected} ({why}), got {value}",
+                                 self._protection_fixes(at, value)))
             else:
-                problems.append((at, f"cannot hold the protected tokens: at a budget of {value}, sinks "
-                                     f"{_show_protection(self.sinks)} and recent {_show_protection(self.recent)} "
-                                     f"protect {sinks} + max({recent}, 1) = {protected} tokens"))
+                message = (f"at a budget of {value}, sinks {_show_protection(self.sinks)} and recent "
+                           f"{_show_protection(self.recent)} protect {sinks} + max({recent}, 1) = {protected} tokens")
+                problems.append((at, f"cannot hold the protected tokens: {message}",
+                                 [(("sinks",), f"protects too much: {message}"),
+                                  (("recent",), f"protects too much: {message}")]))
         return problems
+
+    def _budget_places(self) -> list[tuple[tuple, int]]:
+        """``(field, tokens)`` of each written budget: the integer, each point of a schedule, a ratio's floor."""
+        if isinstance(self.budget, list):
+            return [(("budget", i), b) for i, b in enumerate(self.budget)]
+        if isinstance(self.budget, RatioBudget):
+            return [(("budget", "floor"), self.budget.floor)]
+        return [(("budget",), self.budget)]
+
+    def _protection_fixes(self, at: tuple, budget: int) -> list[tuple[tuple, str | None]]:
+        """For integer protections that overflow ``budget`` (written at ``at``): what ``recent`` and ``sinks``
+        would each have to be, where changing that field alone would fix it (else ``None``)."""
+        sinks, recent = self.sinks, self.recent
+        place = "the budget" if at == ("budget",) else "the budget's floor" if at[-1] == "floor" \
+            else f"budget[{at[-1]}] ="
+        room_recent, room_sinks = budget - sinks, budget - max(recent, 1)
+        return [
+            (("recent",), f"must be at most {room_recent} ({place} {budget} minus sinks {sinks}), got {recent}"
+             if recent >= 1 and room_recent >= 1 else None),
+            (("sinks",), f"must be at most {room_sinks} ({place} {budget} minus max(recent, 1) = {max(recent, 1)}), "
+                         f"got {sinks}" if sinks >= 1 and room_sinks >= 0 else None),
+        ]
 
     def protections_for(self, budget: int | RatioBudget) -> tuple[int, int]:
         """``(sinks, recent)`` in tokens for a layer whose budget is ``budget`` (a ratio budget: its floor)."""
