@@ -103,6 +103,9 @@ def test_cli_runs_offline_and_records_policy_and_held_budget(tiny_dir, tmp_path)
     ("policy=recency.yaml,budget=0", "budget=0"),
     ("policy=full.yaml,budget=16", "evicts nothing"),
     ("policy=recency.yaml,import=no_such_scorer_module", "import=no_such_scorer_module"),
+    ("policy=recency.yaml,budgett=8", "model argument budgett=8: unknown; did you mean budget?"),
+    ("polcy=recency.yaml", "did you mean policy?"),
+    ("max_lenght=64", "did you mean max_length?"),  # an argument of lm-eval's hf model, misspelt
 ])
 def test_cli_bad_momentkv_argument_ends_before_model_work(model_args, message, capsys, monkeypatch):
     def refuse(*_a, **_k):
@@ -113,6 +116,34 @@ def test_cli_bad_momentkv_argument_ends_before_model_work(model_args, message, c
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("momentkv lm-eval: error:") and message in err
+
+
+def test_misspelt_arguments_are_refused_before_loading_and_others_pass(tiny_dir):
+    from momentkv.errors import PolicyError
+    from momentkv.integrations.lm_eval_args import check_names
+    from momentkv.integrations.lm_eval_model import HF_ARGS
+
+    with pytest.raises(PolicyError, match="budgett=8: unknown; did you mean budget"):
+        MomentKVLM(pretrained="/nonexistent/model", policy="recency.yaml", budgett=8)  # nothing is loaded
+    # Names from_pretrained takes beyond the hf model's own pass, as do the hf model's and momentkv's.
+    check_names({"attn_implementation": "sdpa", "low_cpu_mem_usage": True, "dtype": "float32", "budget": 8},
+                HF_ARGS)
+
+
+@pytest.mark.parametrize("under, message", [(None, "is a file, not a folder"),
+                                             ("results.json", "is a file; choose another path"),
+                                             ("results", "is a file; choose another path")])
+def test_cli_output_path_that_cannot_be_written_ends_before_model_work(tmp_path, capsys, monkeypatch, under, message):
+    def refuse(*_a, **_k):
+        raise AssertionError("lm-eval must not start")
+    monkeypatch.setattr("lm_eval._cli.harness.HarnessCLI.execute", refuse)
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    out = taken / under if under else taken
+    code = main(["lm-eval", "--model", "momentkv", "--model_args", "pretrained=/nonexistent/model",
+                 "--tasks", "momentkv_tally", "--limit", "2", "--output_path", str(out)])
+    assert code == 2
+    assert message in capsys.readouterr().err and taken.read_text() == "x"
 
 
 def test_cli_passes_help_through_to_lm_eval(capsys):

@@ -1,10 +1,12 @@
 """``momentkv lm-eval ARGS...``: lm-evaluation-harness's own command line, with the ``momentkv`` model registered.
 
 lm-eval finds models only in its own registry, so this command imports momentkv's model class (which
-registers ``momentkv``) and then runs lm-eval's command line with ``ARGS`` unchanged. Two additions, both
+registers ``momentkv``) and then runs lm-eval's command line with ``ARGS`` unchanged. Three additions, all
 ahead of any work: momentkv's model arguments (``policy``, ``budget``, ``import``) are resolved first, so a
-bad one ends the run with its ``PolicyError`` message and exit code 2; and the folder of the shipped
-``momentkv_long`` tasks joins the task folders named by ``--include_path`` (or a ``--config`` file).
+bad one, or a misspelt argument ("did you mean budget?"), ends the run with its ``PolicyError`` message and
+exit code 2; ``--output_path`` is checked (a folder, or a ``.json`` file, that can be written: lm-eval only
+finds out after the evaluation); and the folder of the shipped ``momentkv_long`` tasks joins the task
+folders named by ``--include_path`` (or a ``--config`` file).
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ def _with_shipped_tasks(parsed: argparse.Namespace, tasks_dir: str) -> None:
     parsed.include_path = paths + ([tasks_dir] if tasks_dir not in paths else [])
 
 
+def _check_output_path(path) -> str | None:
+    """What is wrong with lm-eval's ``--output_path`` (None: nothing). lm-eval writes a ``.json`` path's
+    results beside it, and any other path's into a folder under it, adding timestamped files and deleting
+    none, so a folder that already holds files is fine."""
+    from momentkv.cli.outputs import LM_EVAL, OutputPathError, check_output_file, check_output_folder
+
+    if not path:
+        return None
+    try:
+        if str(path).endswith(".json"):
+            check_output_file(path, "--output_path")
+        else:
+            check_output_folder(path, LM_EVAL, option="--output_path")
+    except OutputPathError as err:
+        return str(err)
+    return None
+
+
 def run(args) -> int:
     try:
         from lm_eval._cli import HarnessCLI
@@ -73,7 +93,11 @@ def run(args) -> int:
     parsed = _parse(harness, list(args.lm_eval_args))
     try:
         if getattr(parsed, "model", None) == lm_eval_model.MODEL_NAME:
-            pop_args(dict(getattr(parsed, "model_args", None) or {}))  # checked here; the model resolves them again
+            # Checked here; the model resolves them again.
+            pop_args(dict(getattr(parsed, "model_args", None) or {}), lm_eval_model.HF_ARGS)
+        problem = _check_output_path(getattr(parsed, "output_path", None))
+        if problem:
+            return _fail(problem)
         _with_shipped_tasks(parsed, str(TASKS_DIR))
         harness.execute(parsed)
     except PolicyError as err:

@@ -1,10 +1,10 @@
 """Output folders of the commands that write files: checked before any work, never emptied of others' files.
 
-Every command that writes (``eval``, ``report``, ``tune``, ``bench``, and ``eval --store``) calls
-:func:`check_output_folder` on its output path before it loads a model or runs anything. The path is
-resolved first (``~``, ``.`` and ``..`` included), then refused, with a message naming the path and what to
-do, when it is the filesystem root, an existing file, under a file, not writable, or a folder that already
-holds files the command did not write.
+Every command that writes (``eval``, ``report``, ``tune``, ``bench``, ``eval --store``, ``lm-eval
+--output_path``) calls :func:`check_output_folder` on its output path before it loads a model or runs
+anything. The path is resolved first (``~``, ``.`` and ``..`` included), then refused, with a message naming
+the path and what to do, when it is the filesystem root, an existing file, under a file, not writable, or a
+folder that already holds files the command did not write (lm-eval's folders excepted: it only adds files).
 
 A folder is the command's own when it holds the manifest :data:`MANIFEST` that the command wrote there, or
 (folders written before the manifest existed) when every entry in it has a name the command writes.
@@ -65,6 +65,8 @@ BENCH = Output("bench", ("bench.csv", "bench.png", "bench.md", "attention_heavy.
 TUNE = Output("tune", ("study.db", "study.db-journal", "store", "best.yaml", "tune.md", "summary.json"),
               ("study.db", "store"))
 STORE = Output("eval --store", legacy=_is_store)
+# lm-eval adds timestamped result files under its --output_path and deletes none: any folder takes them.
+LM_EVAL = Output("lm-eval", legacy=lambda folder: True)
 
 
 class OutputPathError(Exception):

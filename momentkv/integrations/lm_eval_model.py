@@ -16,6 +16,7 @@ arguments that produced it, the request counts and the cache statistics summed o
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 from lm_eval.api.registry import register_model
@@ -27,6 +28,9 @@ from momentkv.integrations.lm_eval_args import embedded_model_args, pop_args
 from momentkv.policy import policy_to_data
 
 MODEL_NAME = "momentkv"
+# The arguments lm-eval's ``hf`` model names (a near miss of one is refused with "did you mean").
+HF_ARGS = tuple(name for name, p in inspect.signature(HFLM.__init__).parameters.items()
+                if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 NO_GENERATION_WARNING = (
     "momentkv: this run had no generate_until request; loglikelihood requests are one forward pass over "
     "context with nothing decoded, so eviction never acted and the scores are those of the full cache; "
@@ -43,7 +47,7 @@ class MomentKVLM(HFLM):
     """
 
     def __init__(self, pretrained="smollm2", **kwargs) -> None:
-        self.momentkv_args = pop_args(kwargs)  # PolicyError here, before anything is loaded
+        self.momentkv_args = pop_args(kwargs, HF_ARGS)  # PolicyError here, before anything is loaded
         pretrained, kwargs = embedded_model_args(pretrained, kwargs)
         super().__init__(pretrained=pretrained, **kwargs)
         self.handle = momentkv.patch(self.model, self.momentkv_args.policy)
