@@ -9,6 +9,12 @@ A component is a frozen, strict pydantic model written ``{type: name, ...}`` in 
   fixed to ``name``, so ``MyScorer(alpha=0.5)`` in Python and ``{type: name, alpha: 0.5}`` in YAML build
   equal objects. A second class under a taken name is refused; registering the same class again (the same
   module and qualified name, as when a module is reloaded) replaces it.
+- The class must keep its kind's contract, checked at registration rather than midway through a
+  ``generate()``: it implements the methods the kind requires (``update`` for a scorer; ``select`` for a
+  prefill compressor that keeps fewer than all prompt tokens), every method of the base class it overrides can
+  still be called as the base's is (``update(self, ctx)``), and every class attribute of the base's contract
+  keeps its type (``needs_attention`` a bool, ``state_channels`` an int). A class that breaks it is refused with
+  a :class:`~momentkv.errors.PolicyError` naming each broken part.
 - Installed packages add components without an import by the user through an entry-point group
   (``momentkv.scorers``, ``momentkv.prefill``): ``name = "package.module:Class"``, whose import runs the
   decorator. The group is read once, the first time a name is missing or the names are listed.
@@ -20,16 +26,77 @@ A component is a frozen, strict pydantic model written ``{type: name, ...}`` in 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from importlib.metadata import entry_points
-from typing import Callable, Literal, TypeVar
+from typing import Callable, Iterable, Literal, TypeVar
 
 from pydantic import BaseModel, create_model
+
+from momentkv.errors import PolicyError
 
 T = TypeVar("T", bound=type)
 
 #: The settings every component keeps (see the module docstring).
 STRICT_CONFIG = {"extra": "forbid", "frozen": True, "strict": True}
+
+
+def _hooks(base: type) -> dict[str, Callable]:
+    """The public methods of ``base`` and of its ancestors below pydantic's ``BaseModel``: the contract."""
+    hooks: dict[str, Callable] = {}
+    for klass in reversed([k for k in base.__mro__ if issubclass(k, BaseModel) and k is not BaseModel]):
+        hooks.update((name, value) for name, value in vars(klass).items()
+                     if inspect.isfunction(value) and not name.startswith("_"))
+    return hooks
+
+
+def _positional(function: Callable) -> list[str]:
+    return [p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _callable_as(cls: type, name: str, base_function: Callable) -> str | None:
+    """Why ``cls.name`` cannot be called as ``base_function`` is (``None``: it can)."""
+    wanted = f"{name}({', '.join(_positional(base_function))})"
+    static = inspect.getattr_static(cls, name)
+    if isinstance(static, staticmethod):
+        function, bound = static.__func__, 0
+    elif isinstance(static, classmethod):
+        function, bound = static.__func__, 1
+    elif inspect.isfunction(static):
+        function, bound = static, 1
+    else:
+        return f"has {name} = {static!r}, not a method {wanted}"
+    arguments = [None] * (len(_positional(base_function)) - 1)  # what the engine passes after self
+    try:
+        inspect.signature(function).bind(*[None] * bound, *arguments)
+    except TypeError:
+        own = f"{name}{inspect.signature(function)}"
+        return f"has {own}, which cannot be called as {wanted}"
+    return None
+
+
+def contract_problems(cls: type, base: type[BaseModel], required: Iterable[str]) -> list[str]:
+    """How component class ``cls`` breaks ``base``'s contract (empty: it keeps it): a ``required`` method
+    it does not implement, an overridden method that cannot be called as the base's, a class attribute of the
+    base's contract (a pydantic ``ClassVar``) of another type."""
+    hooks = _hooks(base)
+    problems = []
+    for name in required:
+        if getattr(cls, name, None) is hooks[name]:
+            problems.append(f"does not implement {name}({', '.join(_positional(hooks[name]))}), which the "
+                            f"{base.__qualname__} contract requires")
+    for name, function in hooks.items():
+        if getattr(cls, name, None) is not function:
+            why = _callable_as(cls, name, function)
+            if why is not None:
+                problems.append(why)
+    for name in sorted(getattr(base, "__class_vars__", ())):
+        want, got = getattr(base, name), getattr(cls, name)
+        if type(got) is not type(want):
+            problems.append(f"has {name} = {got!r}, not {'an' if type(want).__name__[0] in 'aeiou' else 'a'} "
+                            f"{type(want).__name__} as {base.__qualname__}.{name}")
+    return problems
 
 
 class PluginWarning(UserWarning):
@@ -61,10 +128,13 @@ class ComponentRegistry:
         base: the class every component of this kind subclasses (``Scorer``, ``PrefillCompressor``).
         kind: the kind's name in messages (``scorer``, ``prefill compressor``).
         group: the entry-point group that installed packages declare components in.
+        required: the methods of ``base`` that a component class must implement itself, given the class
+            (``lambda cls: ("update",)``); the base's own raise ``NotImplementedError``.
     """
 
-    def __init__(self, base: type[BaseModel], kind: str, group: str):
-        self.base, self.kind, self.group = base, kind, group
+    def __init__(self, base: type[BaseModel], kind: str, group: str,
+                 required: Callable[[type], Iterable[str]] = lambda cls: ()):
+        self.base, self.kind, self.group, self.required = base, kind, group, required
         self._classes: dict[str, type[BaseModel]] = {}
         self._failures: dict[str, str] = {}  # entry-point name -> why it could not be loaded
         self._scanned = False
@@ -90,6 +160,10 @@ class ComponentRegistry:
             if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(f"a {self.kind} named {name!r} is already registered "
                                  f"({taken.__module__}.{taken.__qualname__})")
+            broken = contract_problems(cls, self.base, self.required(cls))
+            if broken:
+                raise PolicyError([f"{self.kind} {cls.__name__} (registered as {name!r}) {problem}"
+                                   for problem in broken])
             registered = create_model(
                 cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__,
                 type=(Literal[name], name),

@@ -138,7 +138,10 @@ def test_one_set_of_registration_rules_for_every_kind(registry, base, monkeypatc
         registry.register("test_plugins_loose")(Loose)
 
     class Fine(base):
-        """A component of this kind."""
+        """A component of this kind (a scorer implements update; a compressor that keeps all needs nothing)."""
+
+        def update(self, ctx):
+            return ctx.age
 
     first = registry.register("test_plugins_fine")(Fine)
     again = registry.register("test_plugins_fine")(Fine)  # the same class again (a reloaded module): replaced
@@ -165,3 +168,77 @@ def test_prefill_python_api_is_strict():
         momentkv.prefill.SnapKV(window=True)
     custom = type("Custom", (BudgetedCompressor,), {"__annotations__": {"depth": int}, "depth": Field(1, ge=1)})
     assert custom.model_config["strict"] is True
+
+
+def test_a_scorer_without_update_is_refused_at_registration(monkeypatch):
+    """Without the check, generate() would fail with a bare NotImplementedError, steps into decoding."""
+    monkeypatch.setattr(SCORERS, "_classes", dict(SCORERS._classes))
+
+    class NoUpdate(momentkv.Scorer):
+        needs_attention = False
+
+    with pytest.raises(PolicyError) as info:
+        momentkv.register_scorer("test_plugins_no_update")(NoUpdate)
+    assert info.value.problems == [
+        "scorer NoUpdate (registered as 'test_plugins_no_update') does not implement update(self, ctx), which the "
+        "Scorer contract requires",
+    ]
+    assert "test_plugins_no_update" not in SCORERS.names()
+
+
+@pytest.mark.parametrize(("body", "problem"), [
+    ("def update(self):\n    return None", "has update(self), which cannot be called as update(self, ctx)"),
+    ("def update(self, ctx, extra):\n    return None",
+     "has update(self, ctx, extra), which cannot be called as update(self, ctx)"),
+    ("update: typing.ClassVar[int] = 3", "has update = 3, not a method update(self, ctx)"),
+    ("def update(self, ctx):\n    return ctx.age\ndef every_step(self, step):\n    return True",
+     "has every_step(self, step), which cannot be called as every_step(self)"),
+    ("def update(self, ctx):\n    return ctx.age\nneeds_attention = 'no'",
+     "has needs_attention = 'no', not a bool as Scorer.needs_attention"),
+    ("def update(self, ctx):\n    return ctx.age\nstate_channels = 2.0",
+     "has state_channels = 2.0, not an int as Scorer.state_channels"),
+])
+def test_a_scorer_breaking_the_contract_is_refused_naming_what(body, problem, monkeypatch):
+    monkeypatch.setattr(SCORERS, "_classes", dict(SCORERS._classes))
+    namespace: dict = {}
+    exec("import typing\nclass Bad(momentkv.Scorer):\n" + textwrap.indent(body, "    "),  # noqa: S102
+         {"momentkv": momentkv}, namespace)
+    with pytest.raises(PolicyError) as info:
+        momentkv.register_scorer("test_plugins_bad")(namespace["Bad"])
+    assert info.value.problems == [f"scorer Bad (registered as 'test_plugins_bad') {problem}"]
+
+
+def test_the_contract_allows_every_form_of_a_method(monkeypatch):
+    monkeypatch.setattr(SCORERS, "_classes", dict(SCORERS._classes))
+
+    class Flexible(momentkv.Scorer):
+        needs_attention = False
+        state_channels = 2
+
+        def update(self, ctx, *rest, scale=1.0):  # more than the contract asks is fine
+            return ctx.age * scale
+
+        @staticmethod
+        def every_step():
+            return False
+
+    assert momentkv.register_scorer("test_plugins_flexible")(Flexible)().every_step() is False
+
+
+def test_a_prefill_compressor_that_keeps_fewer_tokens_must_select_them(monkeypatch):
+    monkeypatch.setattr(PREFILL, "_classes", dict(PREFILL._classes))
+
+    class NoSelect(BudgetedCompressor):
+        """Keeps a capacity of tokens, but never says which."""
+
+    with pytest.raises(PolicyError) as info:
+        momentkv.prefill.register_prefill("test_plugins_no_select")(NoSelect)
+    assert info.value.problems == [
+        "prefill compressor NoSelect (registered as 'test_plugins_no_select') does not implement select(self, ctx, "
+        "capacity), which the PrefillCompressor contract requires",
+    ]
+
+    class KeepsAll(PrefillCompressor):
+        """layer_capacity left as the base's (None: keep every prompt token), so select is never called."""
+
+    assert momentkv.prefill.register_prefill("test_plugins_keeps_all")(KeepsAll)().type == "test_plugins_keeps_all"

@@ -128,7 +128,12 @@ def keep_top(scores: torch.Tensor, valid: torch.Tensor, capacity: int) -> torch.
     return ranked.topk(capacity, dim=-1).indices
 
 
-PREFILL = ComponentRegistry(PrefillCompressor, "prefill compressor", "momentkv.prefill")
+def _required(cls: type[PrefillCompressor]) -> tuple[str, ...]:
+    """``select``, unless ``layer_capacity`` is the base's (``None``: every prompt token kept, nothing chosen)."""
+    return () if cls.layer_capacity is PrefillCompressor.layer_capacity else ("select",)
+
+
+PREFILL = ComponentRegistry(PrefillCompressor, "prefill compressor", "momentkv.prefill", required=_required)
 
 #: Class decorator: make a :class:`PrefillCompressor` subclass available as ``prefill: {type: name}``.
 register_prefill = PREFILL.register

@@ -12,7 +12,8 @@ from momentkv.registry import ComponentRegistry
 from momentkv.scoring.base import Scorer
 
 ENTRY_POINT_GROUP = "momentkv.scorers"
-SCORERS = ComponentRegistry(Scorer, "scorer", ENTRY_POINT_GROUP)
+#: Every scorer returns its scores from ``update`` (the base's raises NotImplementedError).
+SCORERS = ComponentRegistry(Scorer, "scorer", ENTRY_POINT_GROUP, required=lambda cls: ("update",))
 
 #: Class decorator: make a :class:`Scorer` subclass available to policies as ``type: name``.
 register_scorer = SCORERS.register
