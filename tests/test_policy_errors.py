@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import tracemalloc
@@ -9,10 +10,11 @@ from datetime import timedelta
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from momentkv import PolicyError, load_policy, testing
+from momentkv import Policy, PolicyError, load_policy, testing
 from momentkv.cli.main import main
 from momentkv.policy import dump_policy, dump_policy_data, loads_policy
 from momentkv.policy.loader import MAX_DEPTH, MAX_NODES, MAX_TEXT
@@ -385,3 +387,21 @@ def test_a_near_name_of_a_builtin_gets_a_suggestion(written, suggestion, tmp_pat
     with pytest.raises(PolicyError) as info:
         load_policy("zzzz-nothing-like-it.yaml")
     assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("a\x00b", "U+0000 at position 1"), ("\x1b[31mred", "U+001B at position 0"), ("tab\there", "U+0009 at position 3"),
+    ("two\nlines", "U+000A at position 3"), ("nel\x85", "U+0085 at position 3"), ("sep\u2028x", "U+2028 at position 3"),
+    ("del\x7f", "U+007F at position 3"),
+])
+def test_a_name_with_a_control_character_is_refused(name, shown):
+    expected = f"must be one line of printable text: control character {shown}"
+    with pytest.raises(PolicyError) as info:
+        load_policy({"name": name})
+    assert [(d.path, d.message) for d in info.value.details] == [("name", expected)]
+    with pytest.raises(PolicyError) as info:  # written in YAML with an escape
+        loads_policy(f"name: {json.dumps(name)}\n", "t.yaml")
+    assert info.value.problems == [f"t.yaml:1 name: {expected}"]
+    with pytest.raises(ValidationError):
+        Policy(name=name)
+    assert Policy(name="ünïcode name — fine ✓").name == "ünïcode name — fine ✓"

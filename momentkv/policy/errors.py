@@ -128,7 +128,7 @@ def _expected(error: dict, root: type[BaseModel], path: tuple, data: Any, shape:
     if kind == "string_too_long":
         return f"at most {ctx.get('max_length')} characters"
     if kind == "string_pattern_mismatch":
-        return "must be a single line"
+        return f"must match the pattern {ctx.get('pattern', '?')}"
     if kind in ("budget_form", "protection_form", "capacity_form"):
         return f"{error['msg']}, got {show(got)}"
     message = error["msg"]

@@ -16,6 +16,7 @@ cross-field rules report the exact field that breaks them, so the loader can poi
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -362,18 +363,34 @@ class DecodePolicy(_Frozen):
         return any(s.needs_attention for s in self.scorers)
 
 
+#: Unicode categories a name may not hold: controls (NUL, escape, tab, line feed, NEL...), surrogates, line and
+#: paragraph separators.
+_NOT_IN_A_NAME = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
 class Policy(_Frozen):
     """A complete policy: what the prompt keeps, and how the generated tokens are held to a budget."""
 
     name: str = Field(
-        "custom", min_length=1, max_length=200, pattern=r"^[^\r\n]*$",
-        description="Short name shown in stats and reports (one line).",
+        "custom", min_length=1, max_length=200,
+        description="Short name shown in stats and reports (one line of printable text).",
     )
     description: str = Field("", description="What the policy does.")
     prefill: PrefillItem = Field(
         default_factory=KeepAll, description="Prefill compressor; keep (default) leaves the prompt intact."
     )
     decode: DecodePolicy | None = Field(None, description="Decode-time eviction; null keeps every generated token.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_printable_line(cls, value: str) -> str:
+        # A name lands in logs, tables, file names and terminals: a NUL truncates it in C APIs, an escape
+        # sequence recolours a terminal, a line break splits a report's row.
+        for i, char in enumerate(value):
+            if unicodedata.category(char) in _NOT_IN_A_NAME:
+                raise ValueError(f"must be one line of printable text: control character U+{ord(char):04X} at "
+                                 f"position {i}")
+        return value
 
     @field_validator("prefill", mode="before")
     @classmethod

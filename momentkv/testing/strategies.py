@@ -183,7 +183,7 @@ def policies(
     else:
         compressor = draw(prefill_compressors(None if prefill is True else list(prefill)))
     has_decode = draw(st.integers(0, 9)) > 0 if decode is None else decode
-    name_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x85\u2028\u2029")
+    name_chars = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"))  # a name is one printable line
     return Policy(
         name=draw(st.text(name_chars, min_size=1, max_size=20)),
         description=draw(st.text(max_size=40)),
