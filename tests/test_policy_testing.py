@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis import strategies as st
 
 import momentkv
 from momentkv import DecodePolicy, load_policy, testing
@@ -37,13 +38,13 @@ def test_builtins_keep_their_promises(name):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True), trace=testing.decode_traces(max_steps=32))
+@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, num_layers=2), trace=testing.decode_traces(max_steps=32))
 def test_drawn_policies_keep_their_promises(policy, trace):
     testing.check_invariants(policy, trace, num_layers=2)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, prefill=True),
+@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, prefill=True, num_layers=2),
        trace=testing.decode_traces(max_steps=24))
 def test_drawn_policies_with_prefill_compressors(policy, trace):
     testing.check_invariants(policy, trace, num_layers=2)
@@ -190,3 +191,22 @@ def test_check_scores_gives_scorers_their_state_and_query_window():
     greedy = dataclasses.replace(run, plan=dataclasses.replace(run.plan, scorers=(_Greedy(type="greedy"),)))
     with pytest.raises(ValueError, match="asked for 4 queries, the scorer's query_window\\(\\) is 3"):
         testing.check_scores(greedy)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), layers=st.integers(1, 6))
+def test_drawn_policies_name_only_the_layers_the_model_has(data, layers):
+    policy = data.draw(testing.policies(decode=True, num_layers=layers))
+    assert policy.problems_for_model(layers) == []
+    # the default is the 4-layer model check_invariants runs by default
+    assert data.draw(testing.policies(decode=True)).problems_for_model(4) == []
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_drawn_policies_reach_the_last_layer(layers):
+    last = find(testing.policies(decode=True, num_layers=layers),
+                lambda p: layers - 1 in p.decode.uncompressed_layers,
+                settings=settings(phases=[Phase.generate], database=None, max_examples=500))
+    assert max(last.decode.uncompressed_layers) == layers - 1
+    with pytest.raises(ValueError, match="num_layers must be at least 1, got 0"):
+        testing.policies(num_layers=0).example()

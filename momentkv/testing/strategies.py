@@ -144,10 +144,18 @@ def _smallest_budget(sinks, recent) -> int:
         budget += 1
 
 
+def _check_layers(num_layers: int) -> None:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers!r}")
+
+
 @st.composite
-def decode_policies(draw, scorer_names: list[str] | None = None, max_budget: int = 48, max_scorers: int = 3):
-    """Valid :class:`DecodePolicy` objects: every field drawn (protections as tokens or as fractions of the
-    budget), cross-field rules respected."""
+def decode_policies(draw, scorer_names: list[str] | None = None, max_budget: int = 48, max_scorers: int = 3,
+                    num_layers: int = 4):
+    """Valid :class:`DecodePolicy` objects for a model of ``num_layers`` layers: every field drawn
+    (protections as tokens or as fractions of the budget), cross-field rules respected, and
+    ``uncompressed_layers`` among the model's layers (``0 .. num_layers - 1``)."""
+    _check_layers(num_layers)
     sinks, recent = draw(_protections())
     budget = draw(_budgets(_smallest_budget(sinks, recent), max_budget))
     smallest = min(budget) if isinstance(budget, list) else budget.floor if isinstance(budget, RatioBudget) else budget
@@ -163,21 +171,30 @@ def decode_policies(draw, scorer_names: list[str] | None = None, max_budget: int
         cadence=draw(st.integers(1, min(smallest, 8))),
         granularity=draw(st.sampled_from(["head", "layer"])),
         scope=draw(st.sampled_from(["decode", "all"])),
-        uncompressed_layers=draw(st.lists(st.integers(0, 7), unique=True, max_size=3)),
+        uncompressed_layers=draw(st.lists(st.integers(0, num_layers - 1), unique=True,
+                                          max_size=min(3, num_layers))),
         scorers=chosen,
     )
 
 
-@st.composite
 def policies(
-    draw, scorer_names: list[str] | None = None, prefill: bool | list[str] = False, decode: bool | None = None,
-    max_budget: int = 48,
-):
-    """Valid :class:`Policy` objects built through the Python API.
+    scorer_names: list[str] | None = None, prefill: bool | list[str] = False, decode: bool | None = None,
+    max_budget: int = 48, num_layers: int = 4,
+) -> st.SearchStrategy[Policy]:
+    """Valid :class:`Policy` objects built through the Python API, for a model of ``num_layers`` layers.
 
     ``prefill``: ``False`` keeps the prompt (``keep``), ``True`` draws any registered compressor, a list draws
     among those names. ``decode``: ``True`` always has a decode policy, ``False`` never, ``None`` mostly.
+    ``num_layers``: the layers of the model the policies will run on (default 4, the model
+    :func:`~momentkv.testing.check_invariants` builds by default); ``uncompressed_layers`` names only those,
+    so every drawn policy passes ``policy.problems_for_model(num_layers)``.
     """
+    _check_layers(num_layers)  # here, not at the first draw: a wrong count is the caller's error
+    return _policies(scorer_names, prefill, decode, max_budget, num_layers)
+
+
+@st.composite
+def _policies(draw, scorer_names, prefill, decode, max_budget, num_layers):
     if prefill is False:
         compressor = KeepAll()
     else:
@@ -188,7 +205,7 @@ def policies(
         name=draw(st.text(name_chars, min_size=1, max_size=20)),
         description=draw(st.text(max_size=40)),
         prefill=compressor,
-        decode=draw(decode_policies(scorer_names, max_budget)) if has_decode else None,
+        decode=draw(decode_policies(scorer_names, max_budget, num_layers=num_layers)) if has_decode else None,
     )
 
 
@@ -246,7 +263,7 @@ def invalid_policies(draw):
         decode["scorers"][i] = {"type": "ema", "alpha": alpha}
         return InvalidPolicy(data, f"decode.scorers[{i}].alpha", "must be in (0, 1]")
     if kind == "duplicate_layer":
-        layer = draw(st.integers(0, 7))
+        layer = draw(st.integers(0, 3))
         decode["uncompressed_layers"] = [layer, layer]
         return InvalidPolicy(data, "decode.uncompressed_layers[1]", "already listed")
     if kind == "empty_name":
