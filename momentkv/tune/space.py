@@ -95,9 +95,13 @@ class SearchSpace:
     source: str
 
     def policy(self, trial, budget: int, name: str = "tuned") -> dict:
-        """The policy mapping of ``trial``'s choices at ``budget`` (decode tokens, or the whole cache with
-        ``scope: all``). Raises :class:`PolicyError` when no scorer is used."""
+        """The policy mapping of ``trial``'s choices at peak memory ``budget`` (decode tokens, or the whole
+        cache with ``scope: all``): a cadence ``c`` holds up to ``decode.budget + c - 1`` tokens between
+        evictions, so the policy's ``decode.budget`` is ``budget - (c - 1)`` and every trial holds at most
+        ``budget`` tokens. Raises :class:`PolicyError` when no scorer is used or the cadence leaves no budget."""
         values = {p.name.split(".", 1)[1]: p.suggest(trial) for p in self.decode}
+        cadence = values.get("cadence", 1)
+        budget = held_budget(budget, cadence)
         scorers = []
         for scorer in self.scorers:
             if not scorer.use.suggest(trial):
@@ -112,6 +116,15 @@ class SearchSpace:
         decode["recent"] = int(round(fraction * budget))
         decode.update(values)
         return {"name": name, "decode": decode}
+
+
+def held_budget(peak: int, cadence) -> int:
+    """The decode budget that holds at most ``peak`` tokens at ``cadence`` (``peak - (cadence - 1)``)."""
+    held = peak - (cadence - 1) if isinstance(cadence, int) and not isinstance(cadence, bool) else peak
+    if held < 1:
+        raise PolicyError(f"cadence {cadence} holds up to {cadence - 1} tokens beyond the budget between "
+                          f"evictions, which leaves no budget within {peak} tokens")
+    return held
 
 
 def default_space_path():

@@ -1,11 +1,15 @@
 """The search: Optuna trials scored on the tune split at a cheap proxy, the winner confirmed on held-out prompts.
 
 Each trial builds a policy from the search space (:mod:`momentkv.tune.space`) and replays the proxy
-reference (fewer tokens, fewer prompts) teacher-forced under it. Its objective is the mean over prompts of
-the KL to the full cache averaged over *all* steps, so every trial is scored on the same steps (averaging
-from the first eviction on would favour policies that evict later). After each batch of prompts the running
-mean is reported, and Optuna's median pruner stops a trial that is already worse than the median of earlier
-trials at the same point. The sampler is TPE (Bergstra et al., NeurIPS 2011), seeded.
+reference (fewer tokens, fewer prompts) teacher-forced under it. Policies are compared at equal peak memory:
+a cadence ``c`` lets a policy hold ``decode.budget + c - 1`` tokens between evictions, so at ``--budget B``
+its decode budget is ``B - (c - 1)``, for the trials and for the baselines of the confirmation alike. A
+trial whose policy never evicted on the proxy prompts measured nothing and is pruned, with its reason.
+
+Its objective is the mean over prompts of the KL to the full cache averaged over *all* steps, so every
+trial is scored on the same steps (averaging from the first eviction on would favour policies that evict
+later). After each batch of prompts the running mean is reported, and Optuna's median pruner stops a trial
+that is already worse than the median of earlier trials at the same point. The sampler is TPE (Bergstra et al., NeurIPS 2011), seeded.
 
 The study lives in an SQLite file in the output folder, and the references in a store beside it, so an
 interrupted run resumes where it stopped: finished trials are kept, a trial cut off mid-way is marked
@@ -14,7 +18,9 @@ failed, and only the missing trials run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +31,13 @@ import torch
 from momentkv.errors import PolicyError
 from momentkv.eval.aggregate import bootstrap, relative_difference
 from momentkv.eval.batches import make_batches
-from momentkv.eval.configs import build_configs, build_total_configs
+from momentkv.eval.configs import EvalConfig, build_configs, build_total_configs, policy_label, with_budget
 from momentkv.eval.report import prompt_values
 from momentkv.eval.replay import teacher_forced
 from momentkv.eval.runner import run_eval
 from momentkv.eval.store import SavedEvaluation
-from momentkv.tune.space import SearchSpace
+from momentkv.policy import load_policy
+from momentkv.tune.space import SearchSpace, held_budget
 
 STUDY_NAME = "momentkv-tune"
 
@@ -46,6 +53,9 @@ class Setup:
     proxy_prompts: list[str]  # ids
     space: str  # the search space, as text
     seed: int
+    # Every policy holds at most ``budget`` tokens (its decode budget is ``budget - (cadence - 1)``); a study
+    # saved before this rule has no such field, and resuming it under the new rule is refused.
+    peak_memory: bool = True
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -68,7 +78,8 @@ def open_study(out: Path, setup: Setup, seed: int):
     if saved is None:
         study.set_user_attr("setup", setup.as_dict())
     elif saved != setup.as_dict():
-        changed = sorted(k for k in saved if saved[k] != setup.as_dict().get(k))
+        now = setup.as_dict()
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise TuneInputError(f"{out} holds a study of another setup (different {', '.join(changed)}); "
                              "use another --out to start a new one")
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -85,14 +96,38 @@ def finished(study, pruned: bool = True) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def at_peak(source, peak: int, memory: str, prompt_lengths: list[int] = (), prompt_ids: list[str] | None = None
+            ) -> EvalConfig:
+    """The :class:`EvalConfig` of ``source`` (a built-in name, a path, a mapping or a Policy) holding at most
+    ``peak`` tokens per layer and KV head: generated tokens (``memory="decode"``), or prompt and generated
+    (``"total"``). Its decode budget is ``peak - (cadence - 1)`` (:func:`~momentkv.tune.space.held_budget`),
+    its protections scaled to it; the config's budget and label name the peak, so that policies of every
+    cadence line up. A policy without decode eviction is returned as it is. Raises :class:`PolicyError`."""
+    policy = load_policy(source)
+    name = policy_label(source, policy)
+    if policy.decode is None:
+        return build_configs([policy], None)[0]
+    held = held_budget(peak, policy.decode.cadence)
+    if memory == "total":
+        config = build_total_configs([policy], [held], list(prompt_lengths), prompt_ids)[0]
+        return dataclasses.replace(config, label=f"{name}@T{peak}", budget=peak)
+    return EvalConfig(label=f"{name}@{peak}", name=name, budget=peak, policy=with_budget(policy, held))
+
+
+def never_evicted(study) -> int:
+    """Trials pruned because their policy never evicted on the proxy prompts."""
+    import optuna
+
+    return sum("never_evicted" in t.user_attrs
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+
+
 def trial_config(space: SearchSpace, trial, setup: Setup, prompt_lengths: list[int]):
-    """The :class:`EvalConfig` of a trial's policy at the study's budget (PolicyError if invalid)."""
+    """The :class:`EvalConfig` of a trial's policy at the study's peak memory (PolicyError if invalid)."""
     policy = space.policy(trial, setup.budget, name=f"trial{trial.number}")
-    if setup.memory == "total":
-        return build_total_configs([policy], [setup.budget], prompt_lengths)[0]
-    if policy["decode"].get("scope", "decode") == "all":
+    if setup.memory == "decode" and policy["decode"].get("scope", "decode") == "all":
         raise PolicyError("scope: all is searched at a total budget only (--total-budget)")
-    return build_configs([policy], [setup.budget])[0]
+    return at_peak(policy, setup.budget, setup.memory, prompt_lengths)
 
 
 def objective_fn(model, space: SearchSpace, setup: Setup, reference, encoded, pad_id: int, batch_size: int,
@@ -102,6 +137,7 @@ def objective_fn(model, space: SearchSpace, setup: Setup, reference, encoded, pa
 
     batches = make_batches(encoded, batch_size, pad_id, next(model.parameters()).device)
     lengths = [len(e) for e in encoded]
+    steps = reference.tokens.shape[1]
 
     def objective(trial) -> float:
         try:
@@ -113,15 +149,23 @@ def objective_fn(model, space: SearchSpace, setup: Setup, reference, encoded, pa
         trial.set_user_attr("policy", config.policy.model_dump(mode="json"))
         started = time.perf_counter()
         per_prompt = []
+        evicted = False
         for step, batch in enumerate(batches):
             m = teacher_forced(model, config.runnable, [batch], reference, label=config.label)
             per_prompt += m.kl[batch.rows].mean(dim=1).tolist()
+            evicted = evicted or bool((m.active_from[batch.rows] < steps).any())
             trial.report(float(np.mean(per_prompt)), step)
             # After the last batch the value is complete: pruning it would only discard a finished trial.
             if step < len(batches) - 1 and trial.should_prune():
                 log(f"trial {trial.number}: pruned after {len(per_prompt)} prompts (KL so far "
                     f"{np.mean(per_prompt):.4f})")
                 raise optuna.TrialPruned()
+        if not evicted:  # its KL of 0 says nothing about the policy: it is no result
+            reason = (f"never evicted in {steps} tokens on the {len(per_prompt)} proxy prompts at "
+                      f"{'total' if setup.memory == 'total' else 'decode'} budget {setup.budget}")
+            trial.set_user_attr("never_evicted", reason)
+            log(f"trial {trial.number}: pruned, {reason}")
+            raise optuna.TrialPruned(reason)
         value = float(np.mean(per_prompt))
         log(f"trial {trial.number}: KL {value:.4f} ({time.perf_counter() - started:.0f} s)")
         return value
@@ -142,13 +186,15 @@ def confirm(model, winner: dict, setup: Setup, heldout_records, heldout_encoded,
             batch_size, sampling, store_root: Path, baselines: list[str], seed: int, log=print):
     """The winner and the baselines on the held-out prompts at the full length: results and a summary dict."""
     lengths = [len(e) for e in heldout_encoded]
+    ids = [r.id for r in heldout_records]
+    configs = build_configs(["full.yaml"], None)
+    configs += [at_peak(source, setup.budget, setup.memory, lengths, ids) for source in (winner, *baselines)]
+    labels = [c.label for c in configs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise PolicyError(f"two policies share the name(s) {', '.join(dupes)}; give each policy a distinct 'name'")
     if setup.memory == "total":
-        configs = build_configs(["full.yaml"], None)
-        configs += build_total_configs([winner, *baselines], [setup.budget], lengths,
-                                       [r.id for r in heldout_records])
         batch_size = 1 if any(c.prompt_policies is not None for c in configs) else batch_size
-    else:
-        configs = build_configs(["full.yaml", winner, *baselines], [setup.budget])
     store = SavedEvaluation.under(store_root, setup.model_name, steps, sampling, heldout_records, heldout_encoded,
                                   suppressed, batch_size)
     results = run_eval(model, heldout_encoded, heldout_records, configs, steps, suppressed, pad_id,
@@ -158,6 +204,7 @@ def confirm(model, winner: dict, setup: Setup, heldout_records, heldout_encoded,
     best = by_name[winner["name"]]
     best_kl = prompt_values(best, "kl", "active")
     summary = {"policy": winner["name"], "budget": setup.budget, "memory": setup.memory, "steps": steps,
+               "decode_budget": winner["decode"]["budget"], "cadence": winner["decode"].get("cadence", 1),
                "prompts": len(heldout_records), "kl_active": bootstrap(best_kl, seed).__dict__, "versus": {}}
     for name in baselines:
         label = Path(name).stem if isinstance(name, str) else name["name"]
@@ -183,6 +230,26 @@ def trials_table(study, limit: int = 15) -> str:
 
 
 def to_tensor_free(summary: dict) -> dict:
-    """``summary`` with every number a plain float (for JSON)."""
-    return json.loads(json.dumps(summary, default=lambda x: float(x) if isinstance(x, (np.floating, torch.Tensor))
-                                 else str(x)))
+    """``summary`` with every number a plain float and every NaN or infinity None (JSON has neither: an
+    estimate with no prompt to average, such as a KL over steps with eviction where none evicted, is null)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, (np.floating, torch.Tensor)):
+            x = float(x)
+        if isinstance(x, np.integer):
+            return int(x)
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if x is None or isinstance(x, (str, int, bool)):
+            return x
+        return str(x)
+
+    return clean(summary)
+
+
+def summary_json(summary: dict) -> str:
+    """``summary`` as JSON text; raises ValueError rather than write a NaN, which is not JSON."""
+    return json.dumps(to_tensor_free(summary), indent=1, allow_nan=False)
