@@ -38,7 +38,8 @@ def test_builtins_keep_their_promises(name):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, num_layers=2), trace=testing.decode_traces(max_steps=32))
+@given(policy=testing.policies(_BUILTIN_SCORERS, decode=True, num_layers=2),
+       trace=testing.decode_traces(max_steps=32))
 def test_drawn_policies_keep_their_promises(policy, trace):
     testing.check_invariants(policy, trace, num_layers=2)
 

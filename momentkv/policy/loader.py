@@ -291,7 +291,8 @@ def _open(reference: str, base_dir, origin: str, line: int | None) -> tuple[str,
         text = builtin_policy_dir().joinpath(builtin).read_text(encoding="utf-8")
         return builtin, text, _BUILTIN, f"builtin:{builtin}"
     if what is not None:
-        shown = f"{reference!r}" if base_dir is None or Path(reference).is_absolute() else f"{reference!r} ({candidate})"
+        relative = base_dir is not None and not Path(reference).is_absolute()
+        shown = f"{reference!r} ({candidate})" if relative else repr(reference)
         raise PolicyError(Problem(f"{shown} is {what}, not a policy file", origin, line, path_text))
     where = f" (looked in {base_dir})" if isinstance(base_dir, Path) else ""
     near = _near_builtin(reference)
