@@ -285,3 +285,37 @@ def test_plots_where_no_policy_evicted_draw_no_empty_legend(tmp_path, prompts, m
         # 8 tokens never fill a budget of 64: no curve, no point, on either plot; one of 4 evicts.
         assert _eval(out, prompts, "--policies", "recency.yaml", "moment.yaml", "--budgets", "4", "64") == 0
     assert (out / "kl_vs_step_B64.png").is_file() and (out / "kl_vs_budget.png").is_file()
+
+
+def test_the_output_helper_resolves_paths_and_keeps_what_it_did_not_write(tmp_path, monkeypatch):
+    from momentkv.cli.outputs import EVAL, MANIFEST, REPORT, OutputPathError, check_output_folder, publish
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert check_output_folder("a/../b", EVAL) == tmp_path / "b"  # absent, under a writable folder
+    with pytest.raises(OutputPathError, match="filesystem root"):
+        check_output_folder("/", EVAL)
+    with pytest.raises(OutputPathError, match="empty"):
+        check_output_folder("  ", EVAL)
+    with pytest.raises(OutputPathError, match=r"--out \.\. \(.*\) already holds files"):
+        check_output_folder("..", EVAL)
+
+    def files(**named):
+        return lambda folder: [(folder / name).write_text(text) for name, text in named.items()]
+
+    out = tmp_path / "out"
+    assert publish(out, EVAL, files(**{"results.md": "1", "results.csv": "1"})) == ["results.csv", "results.md"]
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["results.csv", "results.md"]
+    with pytest.raises(OutputPathError, match="momentkv report did not write"):
+        check_output_folder(out, REPORT)  # another command's folder
+    # A failing write leaves the folder as it was.
+    with pytest.raises(ZeroDivisionError):
+        publish(out, EVAL, lambda folder: (files(**{"results.md": "2"})(folder), 1 / 0))
+    assert (out / "results.md").read_text() == "1" and sorted(p.name for p in out.iterdir()) == \
+        [MANIFEST, "results.csv", "results.md"]
+    # A file the user put there under a name this run writes is never replaced.
+    (out / "raw.pt").write_text("the user's")
+    with pytest.raises(OutputPathError, match="now holds raw.pt, not written by momentkv eval"):
+        publish(out, EVAL, files(**{"results.md": "3", "raw.pt": "ours"}))
+    assert (out / "raw.pt").read_text() == "the user's" and (out / "results.md").read_text() == "1"
+    assert not [p for p in out.iterdir() if "partial" in p.name]

@@ -4,8 +4,9 @@ Every input is checked before any output exists: an unknown policy, a budget <= 
 prompt file, sampling settings out of range, a total budget that a prompt fills, or a model that cannot be
 loaded ends with a message and exit code 2, and so does an output folder that holds files this command did
 not write (:mod:`momentkv.cli.outputs`). Outputs are written to a staging folder and moved into ``--out``
-only once complete; a previous run's files there are replaced, nothing else is touched. With ``--store DIR`` the reference and every finished pass are also
-saved under DIR, and a rerun loads them instead of recomputing (a long run can be stopped and continued).
+only once complete; a previous run's files there are replaced, nothing else is touched. With ``--store DIR``
+the reference and every finished pass are also saved under DIR, and a rerun loads them instead of
+recomputing (a long run can be stopped and continued).
 """
 
 from __future__ import annotations

@@ -215,7 +215,8 @@ def publish(folder: Path, output: Output, write: Callable[[Path], object]) -> li
         names = sorted(p.name for p in staging.iterdir())
         dirs = [n for n in names if (staging / n).is_dir()]
         if dirs:
-            raise RuntimeError(f"momentkv {output.command} staged folders ({', '.join(dirs)}); only files are published")
+            raise RuntimeError(f"momentkv {output.command} staged folders ({', '.join(dirs)}); only files are "
+                               "published")
         if not existed:
             write_manifest(staging, output.command, names)
             staging.rename(folder)
@@ -226,8 +227,10 @@ def publish(folder: Path, output: Output, write: Callable[[Path], object]) -> li
                                   f"output was not written there: rerun with another folder")
         foreign = [n for n in names if (folder / n).exists() and n not in previous]
         if foreign:
-            raise OutputPathError(f"{folder} now holds {_describe(foreign)}, not written by momentkv {output.command}; "
-                                  "the new output was not written there: rerun with another folder")
+            raise OutputPathError(f"{folder} now holds {_describe(foreign)}, not written by momentkv "
+                                  f"{output.command}; the new output was not written there: rerun with another folder")
+        # Listed before they arrive, so that a run killed while moving them leaves a folder still its own.
+        write_manifest(folder, output.command, [*previous, *names])
         for name in names:
             os.replace(staging / name, folder / name)
         for name in sorted(set(previous) - set(names)):
