@@ -26,3 +26,26 @@ def test_demo_compares_full_cache_and_policy(monkeypatch, capsys):
 def test_demo_rejects_bad_policy(capsys):
     assert main(["demo", "--policy", "nope.yaml"]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_demo_samples_one_stream_for_both_runs(monkeypatch, capsys):
+    """Sampled by default from one seeded stream: the same seed gives the same text; another seed another."""
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), DecodingTokenizer()))
+
+    def text(*extra):
+        assert main(["demo", "--new-tokens", "30", "--policy", "recency.yaml", *extra]) == 0
+        out = capsys.readouterr().out
+        assert "sampled (temperature 0.7, top-p 0.95" in out and "rep-4" in out
+        return out.split("===== full cache =====")[1].split("=====")[0]
+
+    first, again, other = text(), text(), text("--seed", "1")
+    assert first == again and first != other
+    assert main(["demo", "--new-tokens", "30", "--policy", "recency.yaml", "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert "decoding: greedy" in greedy and greedy.split("===== full cache =====")[1].split("=====")[0] != first
+
+
+def test_demo_rejects_bad_temperature(monkeypatch, capsys):
+    monkeypatch.setattr(models, "load", lambda *a, **k: (tiny_model(), DecodingTokenizer()))
+    assert main(["demo", "--temperature", "0"]) == 2
+    assert "--temperature must be positive" in capsys.readouterr().err
