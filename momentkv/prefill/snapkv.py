@@ -11,19 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
+from momentkv.pooling import odd_kernel, pool_tokens
 from momentkv.prefill.base import BudgetedCompressor, PrefillContext, keep_top, register_prefill
-
-
-def pool_tokens(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
-    """Pool ``scores`` ``(..., tokens)`` along the tokens with an odd ``kernel``, stride 1, same length out."""
-    if kernel == 1 or scores.shape[-1] == 0:
-        return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
-    return pool(flat, kernel_size=kernel, stride=1, padding=kernel // 2).view(scores.shape)
 
 
 def snapkv_scores(window_attention: torch.Tensor, kernel: int, pooling: str, keep_window: int) -> torch.Tensor:
@@ -45,13 +36,6 @@ def snapkv_scores(window_attention: torch.Tensor, kernel: int, pooling: str, kee
     tail = pooled.new_full((b, kv, w), float("-inf"))
     tail[..., w - keep_window :] = float("inf")
     return torch.cat([pooled, tail], dim=-1)
-
-
-def odd_kernel(value: int) -> int:
-    """Field check shared by every pooling kernel: odd, so the pooled scores stay aligned with the tokens."""
-    if value % 2 == 0:
-        raise ValueError(f"kernel must be odd so the pooled scores stay aligned with the tokens, got {value}")
-    return value
 
 
 @register_prefill("snapkv")

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from momentkv.prefill.snapkv import odd_kernel, pool_tokens
+from momentkv.pooling import odd_kernel, pool_tokens
 from momentkv.scoring.base import ScoreContext, Scorer
 
 
