@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from momentkv.cli.imports import add_import_option, import_modules
+from momentkv.cli.imports import add_import_option
 from momentkv.cli.outputs import BENCH, OutputPathError, check_output_folder, publish
+from momentkv.user_modules import import_modules
 
 DEFAULT_PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle."
 

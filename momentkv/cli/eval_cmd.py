@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from momentkv.cli.command_line import typed_command
-from momentkv.cli.imports import add_import_option, import_modules
+from momentkv.cli.imports import add_import_option
 from momentkv.cli.outputs import EVAL, STORE, OutputPathError, check_output_folder, publish
+from momentkv.user_modules import import_modules
 
 EXIT_USAGE = 2
 DEFAULT_TEMPERATURE = 0.7

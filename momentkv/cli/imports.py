@@ -1,18 +1,10 @@
 """``--import MODULE`` for the commands that load policies: import modules that register custom scorers.
 
-A policy may name a scorer that a user's own module registers with ``@momentkv.register_scorer``. Without a
-package declaring it as an entry point, the commands would not know it; ``--import`` (repeatable) imports such
-modules before any policy is loaded. ``MODULE`` is a dotted module name, importable from the current folder,
-or the path of a ``.py`` file.
+The option is declared here; the import itself is :func:`momentkv.user_modules.import_modules`, which lm-eval's
+``import=`` model argument uses too.
 """
 
 from __future__ import annotations
-
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
 
 
 def add_import_option(parser) -> None:
@@ -22,35 +14,3 @@ def add_import_option(parser) -> None:
         help="import MODULE (a dotted module name or a .py file) first, so that the scorers it registers can be "
         "named in policies (repeatable)",
     )
-
-
-def _import_file(path: Path) -> None:
-    name = f"_imported_{path.stem}_{abs(hash(str(path.resolve())))}"  # unique; never a real module name
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path} is not a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-
-
-def import_modules(names: list[str]) -> str | None:
-    """Import each of ``names``; ``None`` when all imported, else a message naming the one that failed."""
-    for name in names:
-        path = Path(name)
-        try:
-            if name.endswith(".py") or path.is_file():
-                if not path.is_file():
-                    return f"--import {name}: no such file"
-                _import_file(path)
-            else:
-                if os.getcwd() not in sys.path:  # a module next to the user, as `python -m` would find it
-                    sys.path.insert(0, os.getcwd())
-                importlib.import_module(name)
-        except Exception as err:  # the user's module: any failure is reported, never a traceback
-            return f"--import {name}: cannot import it: {type(err).__name__}: {err}"
-    return None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from momentkv.cli.imports import add_import_option, import_modules
+from momentkv.cli.imports import add_import_option
 from momentkv.errors import PolicyError
 from momentkv.policy import builtin_policy_names, dump_policy, load_policy, summarize
+from momentkv.user_modules import import_modules
 
 
 def _imported(command: str, args: argparse.Namespace) -> bool:

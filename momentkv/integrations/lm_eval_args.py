@@ -69,7 +69,7 @@ def _budget(value) -> int | None:
 
 def resolve_args(policy=DEFAULT_POLICY, budget=None, imports=None) -> MomentKVArgs:
     """Import ``imports``, load ``policy`` and apply ``budget``; raise :class:`PolicyError` naming the problem."""
-    from momentkv.cli.imports import import_modules  # the same importer as the CLI's --import
+    from momentkv.user_modules import import_modules  # the same importer as the CLI's --import
     from momentkv.eval.configs import with_budget
 
     names = _imports(imports)
