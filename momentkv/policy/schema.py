@@ -69,10 +69,14 @@ class RatioBudget(_Frozen):
                                [(("floor",), f"must be at most cap ({self.cap}), got {self.floor}")])])
         return self
 
-    def tokens(self, generated: int) -> int:
+    def budget_at(self, generated: int) -> int:
         """The budget once ``generated`` tokens have been generated."""
         budget = max(self.floor, math.ceil(self.ratio * generated))
         return budget if self.cap is None else min(budget, self.cap)
+
+    def tokens(self, generated: int) -> int:
+        """Kept for compatibility: the old name of :meth:`budget_at` (``RatioBudget`` is public API)."""
+        return self.budget_at(generated)
 
     def minimum(self) -> int:
         return self.floor
@@ -92,7 +96,8 @@ class BudgetFraction(_Frozen):
 
     fraction: float = Field(..., ge=0.0, le=1.0, description="Share of the layer's budget, in [0, 1].")
 
-    def tokens(self, budget: int) -> int:
+    def protected(self, budget: int) -> int:
+        """Tokens protected in a layer whose budget is ``budget`` tokens."""
         # rounded before the floor: 0.29 * 100 is 28.999999999999996 in binary floating point
         return math.floor(round(self.fraction * budget, 6))
 
@@ -120,7 +125,7 @@ Protection = Annotated[
 
 def protected_tokens(value: int | BudgetFraction, budget: int) -> int:
     """Tokens that a ``sinks`` or ``recent`` value protects in a layer whose budget is ``budget`` tokens."""
-    return value.tokens(budget) if isinstance(value, BudgetFraction) else value
+    return value.protected(budget) if isinstance(value, BudgetFraction) else value
 
 
 def _show_protection(value: int | BudgetFraction) -> str:

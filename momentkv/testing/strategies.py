@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from momentkv.policy.annotations import Shape, field_shape
 from momentkv.policy.dump import policy_to_data
-from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget
+from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBudget, protected_tokens
 from momentkv.registry import registry_for
 from momentkv.prefill.base import KeepAll, PrefillCompressor, prefill_class, prefill_names
 from momentkv.scoring import scorer_class, scorer_names
@@ -138,7 +138,7 @@ def _smallest_budget(sinks, recent) -> int:
     """The smallest budget that holds these protections (they grow with the budget when relative)."""
     budget = 1
     while True:
-        s, r = (p.tokens(budget) if isinstance(p, BudgetFraction) else p for p in (sinks, recent))
+        s, r = (protected_tokens(p, budget) for p in (sinks, recent))
         if budget >= s + max(r, 1):
             return budget
         budget += 1
