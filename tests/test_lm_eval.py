@@ -213,7 +213,7 @@ def test_loglikelihood_only_run_warns_and_scores_as_the_full_cache(tiny_dir, tmp
         dataset_kwargs:
           data_files:
             test: {docs}
-        custom_dataset: !function momentkv.integrations.tasks.checks.local_json
+        custom_dataset: !function momentkv.integrations.tasks.local_json
         output_type: loglikelihood
         test_split: test
         doc_to_text: "{{{{q}}}}"
@@ -272,7 +272,7 @@ def test_budget_argument_scales_protections(tiny_dir):
 # ---------------------------------------------------------------------------------------- packaging
 def test_importing_momentkv_and_its_cli_does_not_import_lm_eval():
     code = ("import sys, momentkv, momentkv.cli.main as m; m.build_parser(); "
-            "import momentkv.integrations, momentkv.integrations.tasks.checks; "
+            "import momentkv.integrations, momentkv.integrations.tasks.metrics; "
             "assert 'lm_eval' not in sys.modules, 'lm_eval imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,4 +1,4 @@
-"""Loading and scoring of the ``momentkv_long`` tasks (named by ``!function`` in their YAML files).
+"""The metrics of the ``momentkv_long`` tasks (their ``process_results``, named by ``!function`` in their YAML files).
 
 Each scorer takes a document and the model's answer (the text generated after the prompt, cut at the first
 blank line) and returns per-document metrics that lm-eval averages, with its standard error of the mean:
@@ -8,27 +8,11 @@ one strict metric (the whole answer right) and one graded metric (how far the an
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parent
 _NUMBER = re.compile(r"^\s*(\d+)\.\s*(-?\d+)\s*$")  # "12. 47"
 _WORD = re.compile(r"^\s*(\d+)\.\s*([A-Za-z]+)\s*$")  # "12. kettle"
 _TOTAL = re.compile(r"^\s*Total:\s*(\d+)(?:\s+words?)?\s*$")  # "Total: 21 words"
 _CODE = re.compile(r"^\s*\d{4}(?:\s+\d{4})*\s*$")
-
-
-def local_json(data_files: dict | str, **_metadata):
-    """The task's JSONL files as a ``DatasetDict``, read with the ``json`` builder of ``datasets``.
-
-    Relative paths in ``data_files`` are taken from this folder (where the files ship), not from the
-    current directory, so the tasks run from anywhere; lm-eval passes its run metadata (model arguments,
-    task version) as keywords too, which play no part here.
-    """
-    import datasets
-
-    files = {"test": data_files} if isinstance(data_files, str) else dict(data_files)
-    resolved = {split: str(TASKS_DIR / path) for split, path in files.items()}
-    return datasets.load_dataset("json", data_files=resolved)
 
 
 def _answer(results: list[str]) -> str:

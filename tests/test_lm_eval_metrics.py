@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from momentkv.integrations.tasks import TASKS_DIR
-from momentkv.integrations.tasks.checks import score_count, score_recall, score_tally
+from momentkv.integrations.tasks.metrics import score_count, score_recall, score_tally
 
 
 def _first(name: str) -> dict:
