@@ -80,7 +80,7 @@ def worker(rank, args, meta, task_q, result_q, deadline):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from momentkv.eval.freerun import free_running
-    from momentkv.eval.reference import Reference
+    from momentkv.eval.full_cache_reference import Reference
     from momentkv.eval.replay import teacher_forced
     from momentkv.policy import load_policy
 
@@ -175,7 +175,7 @@ def main() -> int:
 
     from momentkv import models
     from momentkv.eval.prompts import encode_prompts, load_prompts
-    from momentkv.eval.reference import generate_reference
+    from momentkv.eval.full_cache_reference import generate_reference
 
     records = load_prompts()
     if args.tiny:

@@ -9,7 +9,7 @@ import pytest
 
 import momentkv
 from momentkv.policy import loads_policy
-from momentkv.policy.reference import BEGIN, END, render_reference, splice
+from momentkv.policy.field_reference import BEGIN, END, render_reference, splice
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -22,7 +22,7 @@ def test_reference_is_generated_from_the_schema():
     text = (DOCS / "policies.md").read_text(encoding="utf-8")
     assert BEGIN in text and END in text
     assert splice(text, render_reference()) == text, (
-        "docs/policies.md is out of date: run python -m momentkv.policy.reference docs/policies.md"
+        "docs/policies.md is out of date: run python -m momentkv.policy.field_reference docs/policies.md"
     )
 
 

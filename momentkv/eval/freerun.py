@@ -12,7 +12,7 @@ import torch
 
 import momentkv
 from momentkv.eval.batches import Batch
-from momentkv.eval.reference import Reference
+from momentkv.eval.full_cache_reference import Reference
 from momentkv.eval.stepping import run_steps
 
 

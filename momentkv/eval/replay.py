@@ -16,7 +16,7 @@ import momentkv
 from momentkv.eval.batches import Batch
 from momentkv.eval.memory import check_stored
 from momentkv.eval.metrics import step_metrics
-from momentkv.eval.reference import Reference
+from momentkv.eval.full_cache_reference import Reference
 from momentkv.eval.stepping import run_steps
 
 

@@ -18,7 +18,7 @@ from momentkv.eval.batches import make_batches
 from momentkv.eval.configs import EvalConfig
 from momentkv.eval.freerun import FreeRun, free_running
 from momentkv.eval.prompts import PromptRecord
-from momentkv.eval.reference import Reference, generate_reference
+from momentkv.eval.full_cache_reference import Reference, generate_reference
 from momentkv.eval.repetition import REPETITION_N, repetition_per_prompt
 from momentkv.eval.replay import StepMetrics, teacher_forced
 from momentkv.eval.sampling import Sampling

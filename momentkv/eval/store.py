@@ -22,7 +22,7 @@ from momentkv.eval import passfile
 from momentkv.eval.configs import EvalConfig
 from momentkv.eval.freerun import free_run_of
 from momentkv.eval.prompts import PromptRecord
-from momentkv.eval.reference import Reference
+from momentkv.eval.full_cache_reference import Reference
 from momentkv.eval.replay import StepMetrics
 from momentkv.eval.sampling import Sampling
 

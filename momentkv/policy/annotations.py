@@ -7,7 +7,7 @@ its own way:
 
 - error messages (``policy/errors.py``): :func:`locate` follows a pydantic error location through the data
   and the schema together, giving the path the user wrote (union tags dropped) and the shape expected there;
-- the field reference (``policy/reference.py``): type names and ranges;
+- the field reference (``policy/field_reference.py``): type names and ranges;
 - the Hypothesis strategies (``momentkv.testing``): values within each field's bounds.
 
 Components (scorers, prefill compressors) are models whose class depends on the data: :func:`locate` looks

@@ -1,6 +1,6 @@
 """The field reference of ``docs/policies.md``, generated from the pydantic schema so the two cannot drift.
 
-``python -m momentkv.policy.reference docs/policies.md`` rewrites the part of the file between the
+``python -m momentkv.policy.field_reference docs/policies.md`` rewrites the part of the file between the
 ``BEGIN``/``END`` markers; a test fails when the file differs from what this module generates.
 Only components defined inside momentkv are listed (a scorer a user registers is documented by its user).
 """
@@ -17,7 +17,7 @@ from momentkv.policy.schema import BudgetFraction, DecodePolicy, Policy, RatioBu
 from momentkv.prefill.base import prefill_class, prefill_names
 from momentkv.scoring import Scorer, scorer_class, scorer_names
 
-BEGIN = "<!-- BEGIN GENERATED REFERENCE: python -m momentkv.policy.reference docs/policies.md -->"
+BEGIN = "<!-- BEGIN GENERATED REFERENCE: python -m momentkv.policy.field_reference docs/policies.md -->"
 END = "<!-- END GENERATED REFERENCE -->"
 
 _TYPE_NAMES = {
