@@ -4,17 +4,64 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    Qwen3Config, Qwen3ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GptOssConfig, GptOssForCausalLM,
+    GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "olmo3", "granite", "phi3", "smollm3",
+            "gemma3_text")
 _CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "olmo3": (Olmo3Config, Olmo3ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM),
 }
+# What each new family's tiny config sets beyond the shared sizes: the feature its attention differs by is on,
+# at a size a 20-token test reaches (a sliding window of 6 on the layers the family makes slide, NoPE layers,
+# a scale other than 1/sqrt(d)); mixtures of experts get 4 small experts.
+_FAMILY_DEFAULTS = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+    "olmo3": dict(sliding_window=6),  # layers 0-2 of every 4 slide
+    "granite": dict(attention_multiplier=0.2, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0),
+    "phi3": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "smollm3": dict(no_rope_layer_interval=2),  # every second layer without RoPE
+    "gemma2": dict(sliding_window=6, query_pre_attn_scalar=24),  # even layers slide; soft-capping at 50
+    "gemma3_text": dict(sliding_window=6, query_pre_attn_scalar=24, sliding_window_pattern=2),
+    "gpt_oss": dict(sliding_window=6, num_local_experts=4, num_experts_per_tok=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+# Families with a per-head q/k RMSNorm: at their initial gains every key has the same norm up to rounding (a
+# key_norm scorer would see nothing but near-ties); their tiny models get gains spread as training leaves them.
+# (Qwen3 keeps its initial gains here: tests/oracle.py's untie_key_norms spreads them where a test needs it.)
+_TRAINED_NORMS = ("qwen3_moe", "gemma3_text")
+
+
+def _spread_norm_gains(model, seed: int) -> None:
+    """Add a draw from ``[-0.5, 0.5)`` to each q/k norm's gains (1 for Qwen, 1 + 0 for Gemma's ``1 + w``)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.add_((torch.rand(norm.weight.shape, generator=g) - 0.5).to(norm.weight.dtype))
+
+
+def wide_windows(family: str) -> dict:
+    """Overrides that widen a family's tiny sliding window past any test's length (for the identity tests: a
+    window that drops tokens changes the slot order, so the sums are no longer bit for bit SDPA's)."""
+    return {"sliding_window": 4096} if "sliding_window" in _FAMILY_DEFAULTS.get(family, {}) else {}
 
 
 def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, dtype=torch.float32, layers: int = 2,
@@ -28,10 +75,13 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, dtype=t
     )
     if family == "mistral":
         kwargs["sliding_window"] = None
+    kwargs.update(_FAMILY_DEFAULTS.get(family, {}))
     kwargs.update(overrides)
     config = config_cls(**kwargs)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
+    if family in _TRAINED_NORMS:
+        _spread_norm_gains(model, seed)
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = 0
     # Random weights put end-of-sequence anywhere; generation lengths are fixed by suppressing it.
