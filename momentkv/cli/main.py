@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lm_eval_cmd",
     "report_cmd",
     "tune_cmd",
+    "needle_cmd",
 )
 
 
