@@ -135,6 +135,12 @@ def check_model(model, base_implementation: str | None = None):
         raise PolicyError(
             f"unsupported model type {model_type!r}: momentkv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    features = adapter.unsupported_features(config.get_text_config(decoder=True))
+    if features:
+        raise PolicyError(
+            f"this {model_type} checkpoint uses {', '.join(features)}: momentkv does not serve this attention "
+            f"feature, and would not run it approximately; momentkv supports {model_type} models without it"
+        )
     if not callable(getattr(type(model), "generate", None)):
         raise PolicyError(
             f"{type(model).__name__} is a base model without a language-model head (it has no generate): patch the "
