@@ -126,6 +126,8 @@ TRIGGERS = {
     "stale": _stale_cache,
     "dynamic_cache_loop": _dynamic_cache_loop,
     "switched_attention": _switched_attention,
+    "refused_feature": _patch(lambda: tiny_model("gemma3_text", use_bidirectional_attention=True)),
+    "unsupported_family": _patch(lambda: tiny_model("gemma2", "eager")),
 }
 
 
