@@ -181,7 +181,8 @@ def _run(args, model, tokenizer, instances, configs, out: Path) -> int:
                           for i in instances]}
     _write(out / "results.json", json.dumps({**meta, "rows": rows, "summary": summary}, indent=1) + "\n")
     text = (f"# Decode-time needle\n\n`{command}`\n\nModel {args.model}; {len(instances)} instances; "
-            f"{len(computed)} rows computed in {seconds:.0f} s, {reused} reused from an earlier run.\n\n"
+            f"{len(computed)} rows computed in {seconds:.0f} s, {reused} reused from an earlier run; the batches "
+            f"of every row took {sum(r['seconds'] for r in rows):.0f} s in all.\n\n"
             + needle.markdown_summary(summary))
     _write(out / "summary.md", text)
     for budget in args.budgets:

@@ -402,6 +402,7 @@ def plot_recall(summary: list[dict], budget: int | None, path: Path, title: str 
     """Exact match (left) and answer log-probability (right) against distance, one line per policy at
     ``budget`` and the full cache, with 95% bootstrap bands."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -415,7 +416,8 @@ def plot_recall(summary: list[dict], budget: int | None, path: Path, title: str 
         points = sorted((s for s in chosen if s["policy"] == label), key=lambda s: s["distance"])
         if not points:
             continue
-        style = {"color": "black", "marker": "o", "linestyle": "--"} if label == FULL_LABEL else _style(i - 1)
+        # Every other colour of tab20, so neighbouring policies get different hues rather than two shades.
+        style = {"color": "black", "marker": "o", "linestyle": "--"} if label == FULL_LABEL else _style(2 * (i - 1))
         x = [s["distance"] for s in points]
         for ax, key in zip(axes, ("exact", "logprob")):
             ax.plot(x, [s[key] for s in points], label=label, **style)
@@ -423,6 +425,9 @@ def plot_recall(summary: list[dict], budget: int | None, path: Path, title: str 
                             color=style["color"], alpha=0.15)
     for ax, what in zip(axes, ("exact match (greedy over the answer)", "answer log-probability (nats)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({s["distance"] for s in chosen}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("distance D (generated tokens between the fact and the question)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
