@@ -51,3 +51,12 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter("gemma3_text", f"{_TF}.gemma3.modeling_gemma3",         "layer_types",   "Gemma3Attention",
                   _SLIDING, refused=(("use_bidirectional_attention", "bidirectional attention"),)),
 )
+
+#: Families transformers ships whose attention uses a feature momentkv does not serve yet: ``patch`` refuses
+#: them naming it, rather than run them approximately.
+NOT_SERVED: dict[str, str] = {
+    "gemma2": "attention logit soft-capping (attn_logit_softcapping), which momentkv's own attention "
+              "computations (query windows, scope: all) do not apply yet",
+    "gpt_oss": "learned attention sinks (s_aux, a per-head logit that takes probability mass), which momentkv's "
+               "own attention computations do not apply yet",
+}

@@ -150,3 +150,12 @@ def test_gemma3_bidirectional_attention_is_refused_naming_the_feature():
         momentkv.patch(model, "moment.yaml")
     assert model.config.to_dict() == before and "generate" not in model.__dict__
     assert momentkv.handle_of(model) is None
+
+
+@pytest.mark.parametrize("family, feature", [("gemma2", "attention logit soft-capping"),
+                                             ("gpt_oss", "learned attention sinks")])
+def test_families_with_attention_features_not_served_are_refused_naming_them(family, feature):
+    model = tiny_model(family, "eager")
+    with pytest.raises(PolicyError, match=f"unsupported model type '{family}': its attention uses {feature}"):
+        momentkv.patch(model, "moment.yaml")
+    assert model.config._attn_implementation == "eager" and momentkv.handle_of(model) is None

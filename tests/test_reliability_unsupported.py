@@ -6,6 +6,7 @@ from transformers import PhiConfig, PhiForCausalLM
 
 import momentkv
 from momentkv import PolicyError
+from momentkv.patches import SUPPORTED_MODEL_TYPES
 from models import prompts, tiny_model
 
 POLICY = {"decode": {"budget": 2, "scorers": [{"type": "recency"}]}}
@@ -14,7 +15,8 @@ POLICY = {"decode": {"budget": 2, "scorers": [{"type": "recency"}]}}
 def test_phi_is_refused_with_the_supported_families():
     config = PhiConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=64)
     model = PhiForCausalLM(config).eval()
-    with pytest.raises(PolicyError, match=r"unsupported model type 'phi': momentkv supports llama, mistral, qwen2, qwen3"):
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    with pytest.raises(PolicyError, match=r"unsupported model type 'phi': momentkv supports " + supported):
         momentkv.patch(model, "moment.yaml")
     assert "generate" not in model.__dict__ and momentkv.handle_of(model) is None
 
