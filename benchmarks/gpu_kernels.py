@@ -51,7 +51,7 @@ def import_kernels():
             package.__path__ = [str(folder)]
             sys.modules[name] = package
         import momentkv.kernels as kernels
-    from momentkv.engine import group_attention
+    from momentkv.core import group_attention
     from momentkv.kernels import triton_decode
 
     return kernels, triton_decode, group_attention

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from momentkv.engine.group_attention import group_attention
+from momentkv.core.group_attention import group_attention
 from momentkv.scoring import KeyDiff, Redundancy, ScoreContext
 
 KV_HEADS, HEADS, HEAD_DIM, PROMPT = 3, 9, 64, 64

@@ -9,7 +9,7 @@ Three ways to get a decode step's attention output, per layer call (median of 5 
 * ``sdpa + group_attention``: SDPA, then the scores in a second pass over the keys (how the engine scored
   before the single pass);
 * ``attend + group_mean``: the engine's single pass, output and scores from one softmax
-  (:func:`momentkv.engine.group_attention.attend`).
+  (:func:`momentkv.core.group_attention.attend`).
 """
 
 import statistics
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from momentkv.engine.group_attention import attend, group_attention, group_mean
+from momentkv.core.group_attention import attend, group_attention, group_mean
 
 
 def per_call_us(fn, calls: int = 1000, blocks: int = 5) -> float:

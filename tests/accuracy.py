@@ -3,7 +3,7 @@
 A check of the form "within k units in the last place of what SDPA gives" depends on how SDPA rounds, which
 differs per CPU vector path (AVX2, AVX-512, none) and per thread count: it fails on the next machine. Here
 the computed attention is compared with a float64 reference, and the allowance is a standard worst-case
-rounding bound for the algorithm momentkv runs (:func:`momentkv.engine.group_attention.attend` and every
+rounding bound for the algorithm momentkv runs (:func:`momentkv.core.group_attention.attend` and every
 path built on it), valid for any summation order, with or without FMA, on any IEEE CPU.
 
 The derivation, per query head and query row. Inputs ``q`` (d), keys ``k_j`` and values ``v_j`` (S of

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from momentkv.engine.plan import build_plans
+from momentkv.core.plan import build_plans
 from momentkv.patches import adapter_for
 from momentkv.policy import load_policy
 from momentkv.scoring.base import ScoreContext

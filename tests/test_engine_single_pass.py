@@ -8,7 +8,7 @@ import momentkv
 from accuracy import assert_within_bound, attention_error_bounds, attention_reference, excess, group_mean_bound
 from loops import physical_run
 from models import FAMILIES, prompts, tiny_model
-from momentkv.engine.group_attention import attend, group_mean
+from momentkv.core.group_attention import attend, group_mean
 
 # Whole patched models against unpatched ones (SDPA), per dtype: two units in the last place of each dtype at
 # |x| ~ 1. A patched model differs from the unpatched one only in how its attention rounds (the single pass

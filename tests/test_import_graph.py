@@ -18,11 +18,7 @@ PACKAGE = "momentkv"
 
 # Arrows allowed to close a cycle for now, each with the reason it is still there. An entry whose import is
 # gone fails ``test_known_exceptions_are_still_needed``: delete it then.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    # kernels/reference.py imports the engine's grouped attention, which engine/attention.py calls beside the
-    # fused kernel; removed by the engine restructuring that moves the grouped attention below both.
-    ("momentkv.kernels", "momentkv.engine"): "kernels/reference.py uses engine/group_attention.py",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 
 def _package_dirs() -> dict[str, Path]:

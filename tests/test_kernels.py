@@ -164,7 +164,7 @@ def test_wrapper_uses_reference_on_cpu():
 
 def test_reference_is_the_engines_grouped_attention():
     """What the engine's single pass computes for a decode step, the reference computes too (float32)."""
-    from momentkv.engine.group_attention import attend, group_mean
+    from momentkv.core.group_attention import attend, group_mean
 
     q, k, v, valid = make_inputs(2, 6, 2, 19, 16, torch.float32, "random", device="cpu")
     out, probs = attend(q.unsqueeze(2), k, v, None, 0.25)

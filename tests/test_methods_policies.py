@@ -18,7 +18,7 @@ import torch
 
 import momentkv
 from momentkv.engine.layer import EvictingLayer
-from momentkv.engine.plan import build_plans
+from momentkv.core.plan import build_plans
 from momentkv.policy import load_policy
 from models import FAMILIES, prompts, tiny_model
 
@@ -425,7 +425,7 @@ def test_the_comparison_catches_a_wrong_parameter(name, scorer, change):
 def test_every_step_scores_are_normalised_only_when_the_layer_ranks(monkeypatch):
     """With cadence k the every-step scorers fold every step, but their rank normalisation (a sort) runs only
     at the steps where the layer ranks: once per k steps once full."""
-    from momentkv.engine import scores
+    from momentkv.core import scorer_states as scores
 
     calls = []
     original = scores.LayerScoring._combine

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 import momentkv
 from momentkv import DecodePolicy, Policy, PolicyError, RatioBudget, load_policy, testing
-from momentkv.engine.plan import build_plans
+from momentkv.core.plan import build_plans
 from momentkv.policy import BudgetFraction, builtin_policy_names, dump_policy, loads_policy, summarize
 from momentkv.scoring import EMA, Recency, scorer_class, scorer_names
 

@@ -10,7 +10,7 @@ import torch
 
 import momentkv
 from momentkv.engine.layer import EvictingLayer
-from momentkv.engine.plan import build_plans
+from momentkv.core.plan import build_plans
 from momentkv.policy.loader import load_policy
 from models import prompts, tiny_model
 

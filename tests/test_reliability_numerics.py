@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import momentkv
-from momentkv.engine.group_attention import group_attention
-from momentkv.engine.query_window import QueryWindow
+from momentkv.core.group_attention import group_attention
+from momentkv.core.query_window import QueryWindow
 from models import FAMILIES, prompts, tiny_model
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

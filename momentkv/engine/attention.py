@@ -1,11 +1,12 @@
 """The attention functions momentkv registers with transformers: the model's own, plus scoring.
 
-One function per underlying implementation (SDPA, or a family's eager function). When the cache layer has
-attached itself to the call (see ``EvictingLayer.update``) it attends with the layer's mask and hands the
-layer this step's attention. A decode step whose scorers need that attention computes it once:
+One function per underlying implementation (SDPA, or a family's eager function). When the cache layer's
+``update`` left its step record in the call's kwargs (see :mod:`~momentkv.engine.step`), the function asks
+the layer for the mask (``step_mask``), attends, and hands the layer the step once (``observe``). A decode
+step whose record says its scorers need the attention computes it with the output:
 
 - SDPA on the CPU (and wherever the fused kernel does not apply): grouped logits, softmax, and the output as
-  ``probs @ V`` per KV group (:func:`~momentkv.engine.group_attention.attend`), within float tolerance of SDPA;
+  ``probs @ V`` per KV group (:func:`~momentkv.core.group_attention.attend`), within float tolerance of SDPA;
 - SDPA on CUDA with triton installed: the fused Triton kernel of ``momentkv.kernels``, one pass over the keys
   and values for both (``MOMENTKV_FUSED=0``, read once at import, turns it off);
 - eager attention: the family's own function, whose returned weights are the attention.
@@ -25,7 +26,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from momentkv.engine.group_attention import attend, group_mean
+from momentkv.core.group_attention import attend, group_mean
+from momentkv.engine.step import STEP_KWARG
 from momentkv.errors import PolicyError
 from momentkv.kernels import fused_decode_attention, triton_available
 
@@ -67,14 +69,15 @@ def make_attention_function(base: Callable, additive_mask: bool, single_pass: bo
     """
 
     def momentkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layer = kwargs.pop("momentkv_layer", None)
-        if layer is None:
+        step = kwargs.pop(STEP_KWARG, None)  # what the layer's update decided (see momentkv.engine.step)
+        if step is None:
             if key.shape[2] > query.shape[2]:
                 raise PolicyError(_FOREIGN_CACHE.format(key.shape[2] - query.shape[2]))
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        layer = step.layer
         scaling = module.scaling if scaling is None else scaling
-        mask = layer.attention_mask(attention_mask, query, key, additive_mask)
-        if layer.wants_step_attention(query) and not (dropout and module.training):
+        mask = layer.step_mask(attention_mask, query, key, additive_mask)
+        if step.needs_attention and not (dropout and module.training):
             if not single_pass:  # eager: the weights are the attention, already computed
                 output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
                 b, heads, _, s = weights.shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.cache_utils import Cache
 
 from momentkv.engine.layer import EvictingLayer
-from momentkv.engine.plan import LayerPlan
+from momentkv.core.plan import LayerPlan
 
 
 class EvictingCache(Cache):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from momentkv.engine.query_window import QueryWindow
+from momentkv.core.query_window import QueryWindow
 from momentkv.prefill.base import PrefillCompressor, PrefillContext
 
 
@@ -47,7 +47,7 @@ def context_keep(compressor: PrefillCompressor, keys: torch.Tensor, positions: t
     attention = None
     size = compressor.window_size()
     if size:
-        own = 0 if window.positions is None else int((window.positions >= since).sum())
+        own = window.count_since(since)
         if own:
             attention = window.attention(min(size, own), keys, positions, valid, sliding_window)[..., start:end]
         else:  # no query of the chunk was seen (not fed through a patched model's attention)
@@ -57,87 +57,97 @@ def context_keep(compressor: PrefillCompressor, keys: torch.Tensor, positions: t
     return compressor.select(ctx, capacity).sort(dim=-1).values
 
 
-class ContextStage:
-    """The context half of :class:`~momentkv.engine.layer.EvictingLayer`: receiving chunks and finishing them.
+class Context:
+    """The context of one layer: where each chunk goes, and its compression when it is complete.
 
-    With ``scope: decode`` context goes into the leading ``context_slots`` slots (a later chunk lands after
-    the earlier context, before the generated tokens); with ``scope: all`` it is appended and evictable.
+    Owns what it tracks: the first prompt's length, where the caller said context ends, whether the last
+    tokens fed were context, where the pending unit of compression began, and the last context query's
+    attention (``scope: all``). With ``scope: decode`` the context is the layer's leading slots, ``slots.fixed``
+    of them, which decode eviction never touches (a later chunk lands after the earlier context, before the
+    generated tokens); with ``scope: all`` it is appended and evictable like any token.
     """
 
-    def __init__(self, plan):
-        super().__init__(plan)
-        self.context_from = 0  # sequence index of the first token of the context not yet compressed
+    def __init__(self, plan, slots, scoring, window: QueryWindow):
+        self.plan, self.slots, self.scoring, self.window = plan, slots, scoring, window
+        self.prompt_tokens = 0  # length of the first prompt
+        self.end: int | None = None  # tokens before this index are context, when the caller says so
+        self.in_context = True  # the last tokens fed were context
+        self.since = 0  # sequence index of the first token of the context not yet compressed
+        self.since_slot = 0  # and its slot (nothing before it moves while context arrives)
+        self.last_attention: torch.Tensor | None = None  # the last context query's attention (scope: all)
 
-    def _receive_context(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def takes(self, seen: int, q: int) -> bool:
+        """Whether ``q`` tokens fed after ``seen`` are context: the first tokens, a multi-token chunk, or tokens
+        the caller announced as context."""
+        return seen == 0 or q > 1 or (self.end is not None and seen < self.end)
+
+    def receive(self, key_states: torch.Tensor, value_states: torch.Tensor, seen: int, generated: int) -> tuple[int, int]:
+        """Store a chunk ``(b, h, q, d)`` at sequence indices from ``seen``; return its ``(first slot, length)``."""
         q = key_states.shape[-2]
+        slots = self.slots
+        at = slots.stored if self.plan.scope == "all" else slots.fixed
         if not self.in_context:  # the first chunk after a generated token: a new unit of compression
-            self.context_from = self.seen
-        at = self.stored if self.plan.scope == "all" else self.context_slots
-        self.slots.insert(at, key_states, value_states, self.seen)
+            self.since, self.since_slot = seen, at
+        slots.insert(at, key_states, value_states, seen)
         if self.plan.scope == "all":
             self.scoring.append(q)
         else:
-            self.context_slots += q
-        self._chunk = (at, q)  # its padding is read off the model's mask at attention time
-        self.seen += q
-        if self.generated == 0:
-            self.prompt_tokens = self.seen
+            slots.fixed += q
+        if generated == 0:
+            self.prompt_tokens = seen + q
         self.in_context = True
+        return at, q
 
-    def _pending_context(self) -> tuple[int, int]:
+    def pending(self) -> tuple[int, int]:
         """The slots ``(start, end)`` of the context fed since the last generated token, in every head.
 
-        It is the tail of the context: the leading ``context_slots`` slots with ``scope: decode``, every slot
+        It is the tail of the context: the leading ``slots.fixed`` slots with ``scope: decode``, every slot
         with ``scope: all`` (nothing is evicted while context arrives). Earlier context and generated tokens
         all come before it in sequence order, and every head holds all of it.
         """
-        end = self.context_slots if self.plan.scope == "decode" else self.stored
-        if not end:
-            return 0, 0
-        return end - int((self.positions[0, 0, :end] >= self.context_from).sum()), end
+        end = self.slots.fixed if self.plan.scope == "decode" else self.slots.stored
+        return min(self.since_slot, end), end
 
-    def _finish_context(self) -> None:
-        """The chunk is complete: compress it on its own, then score from the next decode step on."""
+    def finish(self) -> None:
+        """The chunk is complete: compress it on its own (if the policy names a compressor)."""
         self.in_context = False
-        start, end = self._pending_context()
+        start, end = self.pending()
         if end > start and self.plan.prefill.type != "keep":
-            keep = context_keep(self.plan.prefill, self.keys, self.positions, self.valid, self.window,
+            slots = self.slots
+            keep = context_keep(self.plan.prefill, slots.keys, slots.positions, slots.valid, self.window,
                                 self.plan.sliding_window, self.plan.layer_idx, self.plan.num_layers,
-                                chunk=(start, end), since=self.context_from)
+                                chunk=(start, end), since=self.since)
             if keep is not None:
-                self._keep_context(keep + start, start, end)
-        if not self.scoring.started:
-            b, h, s = self.positions.shape
-            self.scoring.start(b, h, s - self.first_evictable, self.device)
-        if self.plan.scope == "all" and self.active:
-            # Context tokens enter the ranking as if the last context query were a decode step: each scorer
-            # folds in the attention that query gave them (TOVA's ranking of the prompt).
-            self.update_scores(self._last_attention if self.scoring.needs_step_attention else None)
-        self._last_attention = None
+                self._keep(keep + start, start, end)
 
-    def _keep_context(self, keep: torch.Tensor, start: int, end: int) -> None:
+    def _keep(self, keep: torch.Tensor, start: int, end: int) -> None:
         """Of the chunk's slots ``start`` to ``end``, keep ``keep`` ``(b, h, n)``; every other slot stays."""
         b, h, _ = keep.shape
+        slots = self.slots
         before = torch.arange(start, device=keep.device).expand(b, h, -1)
-        after = torch.arange(end, self.stored, device=keep.device).expand(b, h, -1)
+        after = torch.arange(end, slots.stored, device=keep.device).expand(b, h, -1)
         index = torch.cat([before, keep, after], dim=-1)
-        self.slots.keep(index)
-        if self._last_attention is not None:  # the last context query's attention, over the slots before
-            self._last_attention = self._last_attention.gather(-1, index)
+        slots.keep(index)
+        if self.last_attention is not None:  # the last context query's attention, over the slots before
+            self.last_attention = self.last_attention.gather(-1, index)
         if self.plan.scope == "all":
             if self.scoring.started:
                 self.scoring.keep(index)
         else:
-            self.context_slots -= end - start - keep.shape[-1]
+            slots.fixed -= end - start - keep.shape[-1]
 
-    def _drop_dead_context(self) -> None:
-        """Sliding layers: drop the context tokens no query can see again (the oldest, in every head)."""
-        c = self.context_slots
+    def drop_dead(self, seen: int) -> None:
+        """Sliding layers: drop the context tokens no query from ``seen`` on can see (the oldest, in every head)."""
+        slots, c = self.slots, self.slots.fixed
         if not c:
             return
-        gone = self.positions[..., :c] <= self.seen - self.plan.sliding_window
+        gone = slots.positions[..., :c] <= seen - self.plan.sliding_window
         count = int(gone.sum(-1).min())
         if count:
             b, h, _ = gone.shape
-            self.slots.keep(torch.arange(count, self.stored, device=gone.device).expand(b, h, -1))
-            self.context_slots -= count
+            slots.keep(torch.arange(count, slots.stored, device=gone.device).expand(b, h, -1))
+            slots.fixed -= count
+
+    def select_rows(self, pick) -> None:
+        if self.last_attention is not None:
+            self.last_attention = pick(self.last_attention)

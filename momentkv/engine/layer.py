@@ -1,73 +1,94 @@
-"""The evicting cache layer: context kept whole, generated tokens held to a budget.
+"""The evicting cache layer: transformers' cache-layer interface over the eviction core.
 
-A coordinator over parts with one job each: :mod:`~momentkv.engine.slots` (storage),
-:mod:`~momentkv.engine.scores` (scorer states), :mod:`~momentkv.engine.ranking` (protections and victims),
-:mod:`~momentkv.engine.masks` (the mask to attend with), :mod:`~momentkv.engine.context` (context chunks and
-prefill compression), :mod:`~momentkv.engine.layer_base` (transformers' interface).
+The layer is an adapter. Its parts each own their state: :class:`~momentkv.engine.slots.Slots` (keys, values,
+positions, validity, in contiguous slots per row), :class:`~momentkv.engine.context.Context` (context chunks
+and their compression) and :class:`~momentkv.core.eviction.LayerEviction`, the engine-agnostic core (scorer
+states, protections, victims). With ``scope: decode`` the slots are ``[context | generated]``: context (the
+prompt and any later multi-token chunk, such as a new user turn) fills the leading slots and is never
+evicted at decode time; generated tokens (fed one at a time) follow and are evictable. With ``scope: all``
+every slot is evictable.
 
-With ``scope: decode`` the slots are ``[context | generated]``: context (the prompt and any later multi-token
-chunk, such as a new user turn) fills the leading slots and is never evicted at decode time; generated tokens
-(fed one at a time) follow and are evictable. With ``scope: all`` every slot is evictable.
+One decode step, per layer, top to bottom:
 
-Per decode step, data flows one way: ``update`` (called by the attention module through the cache) ranks
-the evictable slots when the budget is full and writes the new token into the lowest-ranked slot of each
-head (no reallocation); the attention function computes the output and hands this step's attention to
-``observe``, which updates the scorers. The token written at a step is never the one evicted at that step.
+1. ``update`` (the attention module calls it through the cache): when the budget is full the core names the
+   lowest-ranked slot of each head and the new token is written into it (no reallocation); ``update`` leaves
+   a :class:`~momentkv.engine.step.StepRecord` in the attention kwargs saying whether this step's attention
+   is needed.
+2. The attention function asks :meth:`EvictingLayer.step_mask` for the mask, computes the output (and, when
+   the record says so, the attention of the query in the same pass).
+3. It hands the step back once, :meth:`EvictingLayer.observe`, which folds the attention into the scorers.
+
+The token written at a step is never the one evicted at that step.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
-from momentkv.engine import masks, ranking
-from momentkv.engine.context import ContextStage
-from momentkv.engine.group_attention import group_attention
-from momentkv.engine.layer_base import SlotLayer
-from momentkv.engine.plan import LayerPlan
-from momentkv.engine.scores import ScoreInputs
-from momentkv.engine.stats import layer_stats
+from momentkv.core.eviction import LayerEviction
+from momentkv.core.group_attention import group_attention
+from momentkv.core.plan import LayerPlan
+from momentkv.engine import masks
+from momentkv.engine.context import Context
+from momentkv.engine.slots import Slots
+from momentkv.engine.step import STEP_KWARG, StepRecord
 from momentkv.errors import PolicyError
+from momentkv.scoring.base import ScoreContext
 
 
-class EvictingLayer(ContextStage, SlotLayer):
-    """One layer's KV cache under a :class:`~momentkv.engine.plan.LayerPlan` (see the module docstring)."""
+class EvictingLayer(CacheLayerMixin):
+    """One layer's KV cache under a :class:`~momentkv.core.plan.LayerPlan` (see the module docstring)."""
+
+    is_compileable = False
+    is_croppable = False
 
     def __init__(self, plan: LayerPlan):
-        super().__init__(plan)
-        self.rules = ranking.Protections(plan.sinks, plan.recent, plan.sliding_window, plan.scope == "all",
-                                         plan.granularity == "layer")
+        self.slots = Slots()
+        super().__init__()
+        self.plan = plan
+        self.is_sliding = plan.sliding_window is not None  # read by transformers' Cache
+        self.eviction = LayerEviction(plan)
+        self.context = Context(plan, self.slots, self.eviction.scoring, self.eviction.window)
         self.active = plan.budget is not None  # False: this cache will not reach the budget (see ``expect``)
-        self.prompt_tokens = 0  # length of the first prompt
-        self.context_slots = 0  # leading slots holding context (scope: decode)
-        self.context_end: int | None = None  # tokens before this index are context, when the caller says so
-        self.in_context = True  # the last tokens fed were context
+        self.seen = 0  # tokens fed through this layer
         self.generated = 0  # tokens fed one at a time
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
-        self._chunk: tuple[int, int] | None = None  # (first slot, length) of a chunk whose padding is unknown
-        self._last_attention: torch.Tensor | None = None  # last context query's attention (scope: all)
+        self.step: StepRecord | None = None  # what the last ``update`` decided
         self._scores_pending = False  # a token was written and its step's attention not yet folded in
-        self._views: tuple | None = None  # (slot version, first evictable) and the ScoreInputs made for them
+        self._view: tuple | None = None  # (slot version, fixed slots) and the ScoreContext made for them
 
-    @property
-    def first_evictable(self) -> int:
-        return 0 if self.plan.scope == "all" else self.context_slots
+    # ----------------------------------------------------------------- the parts, read-only
+    keys = property(lambda self: self.slots.keys, lambda self, v: setattr(self.slots, "keys", v))
+    values = property(lambda self: self.slots.values, lambda self, v: setattr(self.slots, "values", v))
+    positions = property(lambda self: self.slots.positions, doc="``(batch, kv_heads, S)`` sequence indices.")
+    valid = property(lambda self: self.slots.valid, doc="``(batch, kv_heads, S)`` bool, or None: no padding.")
+    stored = property(lambda self: self.slots.stored, doc="Slots per (batch row, KV head).")
+    first_evictable = property(lambda self: self.slots.fixed, doc="Leading slots decode eviction never touches.")
+    context_slots = property(lambda self: self.slots.fixed, doc="Leading slots holding context (scope: decode).")
+    scoring = property(lambda self: self.eviction.scoring, doc="The scorers' states (the core's).")
+    window = property(lambda self: self.eviction.window, doc="The recent queries windowed parts read.")
+    scores = property(lambda self: self.eviction.scoring.step_total, doc="The every-step scorers' last score.")
+    prompt_tokens = property(lambda self: self.context.prompt_tokens, doc="Length of the first prompt.")
+    in_context = property(lambda self: self.context.in_context, doc="The last tokens fed were context.")
 
+    # ----------------------------------------------------------------- 1. update
     def update(self, key_states, value_states, *args, kwargs: dict | None = None, **extra):
         """Store ``key_states``/``value_states`` ``(batch, kv_heads, q, head_dim)``; return the whole layer.
 
-        ``kwargs`` is the dict the attention module later unpacks into the attention function: the layer
-        puts itself there so that the attention function can hand it the attention of this step.
+        ``kwargs`` is the dict the attention module later unpacks into the attention function: this step's
+        record goes there (see :mod:`~momentkv.engine.step`).
         """
-        if kwargs is not None:
-            kwargs["momentkv_layer"] = self
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.seen == 0 or q > 1 or (self.context_end is not None and self.seen < self.context_end):
-            self._receive_context(key_states, value_states)
+        if self.context.takes(self.seen, q):
+            chunk = self.context.receive(key_states, value_states, self.seen, self.generated)
+            self.seen += q
+            self.step = StepRecord(self, context=True, chunk=chunk)
         else:
-            if self.in_context:
+            if self.context.in_context:
                 self._finish_context()
             elif self._scores_pending:
                 raise PolicyError(
@@ -76,88 +97,84 @@ class EvictingLayer(ContextStage, SlotLayer):
                     "function reports to the cache) on transformers >= 5.24"
                 )
             self._receive_generated(key_states, value_states)
+            needs = self.active and q == 1 and self.plan.needs_step_attention
+            self.step = StepRecord(self, context=False, needs_attention=needs)
+        if kwargs is not None:
+            kwargs[STEP_KWARG] = self.step
         self.peak_slots = max(self.peak_slots, self.stored)
         return self.keys, self.values
 
     def expect(self, context_end: int, max_new_tokens: int | None = None) -> None:
         """Tokens before ``context_end`` are context; at most ``max_new_tokens`` follow (see ``EvictingCache``)."""
-        self.context_end = context_end
+        self.context.end = context_end
         if self.plan.budget is None or max_new_tokens is None:
             self.active = self.plan.budget is not None
             return
         later_context = max(context_end - self.seen, 0) if self.plan.scope == "all" else 0
-        held = self.stored - self.first_evictable + later_context + max_new_tokens
+        held = self.slots.evictable_count + later_context + max_new_tokens
         reached = held > self.plan.budget_at(self.generated + max_new_tokens)
         self.active = reached or (self.active and self.generated > 0)  # scoring, once begun, never stops
 
+    def _finish_context(self) -> None:
+        """The context is complete: compress it, then score from the next decode step on."""
+        self.context.finish()
+        if not self.scoring.started:
+            b, h, s = self.positions.shape
+            self.scoring.start(b, h, s - self.slots.fixed, self.device)
+        if self.plan.scope == "all" and self.active:
+            # Context tokens enter the ranking as if the last context query were a decode step: each scorer
+            # folds in the attention that query gave them (TOVA's ranking of the prompt).
+            self.update_scores(self.context.last_attention if self.plan.needs_step_attention else None)
+        self.context.last_attention = None
+
     def _receive_generated(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.is_sliding and self.plan.scope == "decode":
-            self._drop_dead_context()
-        q, first = key_states.shape[-2], self.first_evictable
-        count = self._evictions_needed(q)
+            self.context.drop_dead(self.seen)
+        q, slots = key_states.shape[-2], self.slots
+        sliding = self.positions[..., slots.fixed :] if self.is_sliding else None
+        count = self.eviction.evictions_needed(slots.evictable_count, self.generated, q, self.active, sliding,
+                                               self.seen)
         if count == 1 and q == 1:  # steady state: the new token takes each head's lowest-ranked slot
-            slot = ranking.lowest(self._ranked(1))
-            self.slots.write(slot + first, key_states, value_states, self.seen)
+            slot = self.eviction.lowest(self._score_view(), self.context.prompt_tokens)
+            slots.write_evictable(slot, key_states, value_states, self.seen)
             self.scoring.reset_slot(slot)
             self.evicted += 1
         else:
             if count:
-                kept, evicted = ranking.survivors(self._ranked(q), count)
-                head = torch.arange(first, device=kept.device).expand(*kept.shape[:2], first)
-                self.slots.keep(torch.cat([head, kept + first], dim=-1))
+                kept, evicted = self.eviction.survivors(self._score_view(), self.context.prompt_tokens, q, count)
+                slots.keep_evictable(kept)
                 self.scoring.keep(kept)
                 self.evicted += evicted
-            self.slots.insert(self.stored, key_states, value_states, self.seen)
+            slots.insert(self.stored, key_states, value_states, self.seen)
             self.scoring.append(q)
         self.seen += q
         self.generated += q
         self._scores_pending = self.active
 
-    def _evictions_needed(self, q: int) -> int:
-        """Tokens each head must lose before ``q`` new ones are written: over budget, or dead (sliding)."""
-        held = self.stored - self.first_evictable
-        budget = self.plan.budget_at(self.generated + q) if self.active else None
-        count = 0
-        if budget is not None and held + q > budget and (
-            self.plan.cadence == 1 or held + q > budget + self.plan.cadence - 1
-        ):
-            count = held + q - budget
-        if self.is_sliding and held:
-            gone = ranking.dead(self.positions[..., self.first_evictable :], self.seen, self.plan.sliding_window)
-            count = max(count, int(gone.sum(-1).min()))
-        return count
-
-    def _inputs(self) -> ScoreInputs:
-        """What the scorers see; the tensor views are made again only when the slots' tensors were replaced."""
-        first, valid = self.first_evictable, self.valid
-        key = (self.slots.version, first)
-        if self._views is not None and self._views[0] == key:
-            inputs = self._views[1]
-            inputs.now = self.seen - 1
-            return inputs
-        inputs = ScoreInputs(
-            keys=self.keys[:, :, first:], values=self.values[:, :, first:], positions=self.positions[..., first:],
-            valid=None if valid is None else valid[..., first:], now=self.seen - 1,
-            layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers,
-            window=self._window_attention if self.window.size else None,
-        )
-        self._views = (key, inputs)
-        return inputs
+    def _score_view(self) -> ScoreContext:
+        """The evictable slots as the core sees them; the record is made again only when the slots' tensors
+        were replaced (in-place writes keep its views valid), and its ``now`` follows the layer."""
+        key = (self.slots.version, self.slots.fixed)
+        if self._view is None or self._view[0] != key:
+            keys, values, positions, valid = self.slots.evictable()
+            view = ScoreContext(None, keys, None, positions=positions, values=values, valid=valid,
+                                layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers,
+                                window=self._window_attention if self.window.size else None)
+            self._view = (key, view)
+        view = self._view[1]
+        view.now = self.seen - 1
+        return view
 
     def _window_attention(self, last: int) -> torch.Tensor:
         attention = self.window.attention(last, self.keys, self.positions, self.valid, self.plan.sliding_window)
-        return attention[..., self.first_evictable :]
+        return attention[..., self.slots.fixed :]
 
-    def _ranked(self, incoming: int) -> torch.Tensor:
-        inputs = self._inputs()
-        return ranking.rank(self.scoring.total(inputs), inputs.positions, inputs.valid, self.rules,
-                            self.prompt_tokens, self.seen, incoming)
-
-    # ----------------------------------------------------------------- from the attention function
-    def attention_mask(self, mask, query: torch.Tensor, key: torch.Tensor, additive: bool):
+    # ----------------------------------------------------------------- 2. the attention function's one question
+    def step_mask(self, mask, query: torch.Tensor, key: torch.Tensor, additive: bool):
         """The mask to attend with (see :mod:`~momentkv.engine.masks`); learns a new chunk's padding first."""
-        if self._chunk is not None:
-            (start, length), self._chunk = self._chunk, None
+        step = self.step
+        if step.chunk is not None:
+            (start, length), step.chunk = step.chunk, None
             valid = masks.key_validity(mask, length)
             if valid is not None:
                 self.slots.set_validity(start, valid)
@@ -166,22 +183,20 @@ class EvictingLayer(ContextStage, SlotLayer):
         return masks.positional_mask(self.positions, self.valid, self.seen, query.shape[2], self.plan.sliding_window,
                                      query.shape[1] // key.shape[1], additive, query.dtype)
 
-    def wants_step_attention(self, query: torch.Tensor) -> bool:
-        """Whether this call is a decode step whose scorers need the attention of its query."""
-        return not self.in_context and self.active and self.scoring.needs_step_attention and query.shape[2] == 1
-
+    # ----------------------------------------------------------------- 3. the step handed back
     def observe(self, query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
                 attention: torch.Tensor | None = None) -> None:
         """Take this step: ``query`` ``(batch, heads, q, head_dim)``, ``key`` the layer's keys, and, when the
         attention function computed it, ``attention`` ``(batch, kv_heads, S)`` of the last query."""
-        if self.window.size and (self.in_context or self.scoring.query_window):
+        step = self.step
+        if self.window.size and (step.context or self.scoring.query_window):
             self.window.push(query, self.seen - query.shape[2], scaling)
-        if self.in_context:
-            if self.plan.scope == "all" and self.active and self.scoring.needs_step_attention:
+        if step.context:
+            if self.plan.scope == "all" and self.active and self.plan.needs_step_attention:
                 # A row that is padding from end to end has a last context query that sees nothing.
-                self._last_attention = group_attention(query, key, mask, scaling, rows_may_be_empty=True)
+                self.context.last_attention = group_attention(query, key, mask, scaling, rows_may_be_empty=True)
         elif self.active:
-            if attention is None and self.scoring.needs_step_attention:
+            if attention is None and self.plan.needs_step_attention:  # not computed with the output (dropout)
                 attention = group_attention(query, key, mask, scaling)
             self.update_scores(attention)
 
@@ -191,19 +206,67 @@ class EvictingLayer(ContextStage, SlotLayer):
         Called by ``observe``; ``momentkv.testing`` calls it directly with synthetic attention.
         """
         self._scores_pending = False
-        first = self.first_evictable
-        self.scoring.step(attention[..., first:] if attention is not None and first else attention, self._inputs())
+        f = self.slots.fixed
+        self.eviction.fold(attention[..., f:] if attention is not None and f else attention, self._score_view())
 
-    def reset(self) -> None:
-        context_end, active = self.context_end, self.active
-        self.__init__(self.plan)
-        self.context_end, self.active = context_end, active
+    # ----------------------------------------------------------------- transformers' cache-layer interface
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.slots.start(key_states, value_states)
+        self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (not stored): the model derives positions from it in manual loops."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be cropped: evicted tokens cannot be restored")
 
     def _select_rows(self, pick) -> None:
-        super()._select_rows(pick)
-        if self._last_attention is not None:
-            self._last_attention = pick(self._last_attention)
+        """Every per-row tensor lives in one of the parts, and each part moves its own."""
+        if self.is_initialized:
+            self.slots.select_rows(pick)
+            self.scoring.select_rows(pick)
+            self.window.select_rows(pick)
+            self.context.select_rows(pick)
 
+    def reset(self) -> None:
+        context_end, active = self.context.end, self.active
+        self.__init__(self.plan)
+        self.context.end, self.active = context_end, active
+
+    # ----------------------------------------------------------------- stats
     def stats(self) -> dict:
-        """Stored tokens, peak, evictions and bytes of this layer (see :mod:`~momentkv.engine.stats`)."""
-        return layer_stats(self)
+        """Stored tokens, peak, evictions and bytes of this layer, per batch row and KV head."""
+        kv_bytes = 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        prompt_stored = self.slots.fixed
+        if self.plan.scope == "all":
+            # Decode eviction reaches the prompt: count the prompt tokens still held (the most of any head).
+            prompt_stored = int((self.positions < self.prompt_tokens).sum(-1).max()) if self.stored else 0
+        return {
+            "layer": self.plan.layer_idx,
+            "seen": self.seen,
+            "stored": self.stored,
+            "prompt_stored": prompt_stored,
+            "generated_stored": self.stored - prompt_stored,
+            "peak": self.peak_slots,
+            "evicted": self.evicted,
+            "budget": self.plan.budget_at(self.generated),
+            "kv_bytes": kv_bytes,
+            "state_bytes": self.slots.bookkeeping_bytes() + self.scoring.nbytes(),
+        }

@@ -10,7 +10,7 @@ group only) therefore comes out on each rank exactly as it would for those heads
 Two things do not:
 
 - ``granularity: layer`` ranks a layer's tokens by the mean of the ranking over all of its KV heads
-  (``momentkv.engine.ranking``). On one rank that mean would cover only the rank's own heads, so each rank would
+  (``momentkv.core.ranking``). On one rank that mean would cover only the rank's own heads, so each rank would
   choose its own victims, unlike one process. An all-reduce of the ranking in every layer at every eviction
   would fix it, at the cost of a collective on the decode path of a cache layer that knows no process group;
   it is refused instead (``granularity: head`` is exact).

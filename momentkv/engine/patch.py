@@ -20,7 +20,7 @@ from momentkv.engine.checks import (
     SUPPORTED_ATTENTION, check_dtype, check_generate_kwargs, check_model, max_new_tokens, prompt_length,
 )
 from momentkv.engine.parallel import check_tensor_parallel
-from momentkv.engine.plan import build_plans
+from momentkv.core.plan import build_plans
 from momentkv.errors import PolicyError
 from momentkv.policy.loader import PolicySource, load_policy
 

@@ -11,6 +11,10 @@ rectangular while each head keeps its own tokens:
 
 Every operation keeps the four aligned: append at the end, insert a chunk at a slot index, write one token
 per head into a chosen slot (in place, no reallocation), keep a subset of slots, select batch rows.
+
+The first ``fixed`` slots are never evicted at decode time (the context, under ``scope: decode``); the rest
+are the *evictable* slots, which the eviction core sees and names by their index among themselves:
+:meth:`evictable`, :meth:`write_evictable` and :meth:`keep_evictable` translate those indices to slots.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Slots:
         self.values: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        self.fixed = 0  # leading slots decode eviction never touches
         self.version = 0  # bumped whenever a tensor is replaced (not on in-place writes): views stay valid
 
     def start(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -97,6 +102,29 @@ class Slots:
             idx = index if t.dim() == 3 else index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
             setattr(self, name, t.gather(2, idx))
         self.version += 1
+
+    @property
+    def evictable_count(self) -> int:
+        return self.stored - self.fixed
+
+    def evictable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Views of the evictable slots: keys, values ``(b, h, T, d)``, positions and validity ``(b, h, T)``."""
+        f, valid = self.fixed, self.valid
+        return (self.keys[:, :, f:], self.values[:, :, f:], self.positions[..., f:],
+                None if valid is None else valid[..., f:])
+
+    def write_evictable(self, slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+                        position: int) -> None:
+        """:meth:`write` into evictable slot ``slot`` ``(b, h, 1)`` (an index among the evictable slots)."""
+        self.write(slot + self.fixed if self.fixed else slot, key_states, value_states, position)
+
+    def keep_evictable(self, kept: torch.Tensor) -> None:
+        """Keep the fixed slots and the evictable slots ``kept`` ``(b, h, n)`` (indices among the evictable)."""
+        f = self.fixed
+        if f:
+            b, h, _ = kept.shape
+            kept = torch.cat([torch.arange(f, device=kept.device).expand(b, h, f), kept + f], dim=-1)
+        self.keep(kept)
 
     def set_validity(self, start: int, valid: torch.Tensor) -> None:
         """Mark slots ``[start, start + q)`` valid or padding: ``valid`` ``(batch, q)`` bool, for every head."""

@@ -5,7 +5,7 @@ returns the attention each cached token receives, averaged over the query heads 
 (grouped-query attention, never expanded with ``repeat_kv``): what the engine hands the scorers.
 
 There is no second softmax here: the reference is the engine's own grouped attention
-(:func:`momentkv.engine.group_attention.attend`) run on float32 copies of the inputs, so the kernel is tested
+(:func:`momentkv.core.group_attention.attend`) run on float32 copies of the inputs, so the kernel is tested
 against exactly what the engine computes on the CPU.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from momentkv.engine.group_attention import attend, group_mean
+from momentkv.core.group_attention import attend, group_mean
 
 
 def check_decode_args(query, key, value, valid) -> tuple[int, int, int, int, int]:

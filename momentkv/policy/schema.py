@@ -363,10 +363,6 @@ class DecodePolicy(_Frozen):
             if layer >= num_layers
         ]
 
-    @property
-    def needs_attention(self) -> bool:
-        return any(s.needs_attention for s in self.scorers)
-
 
 #: Unicode categories a name may not hold: controls (NUL, escape, tab, line feed, NEL...), surrogates, line and
 #: paragraph separators.

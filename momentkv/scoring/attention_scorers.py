@@ -60,7 +60,7 @@ class EMA(AttentionObservation):
             ctx.state.mul_(self.alpha).add_(ctx.attention)  # the per-step path, in place
             scores = ctx.state
         else:
-            observed, fresh = self.observe(ctx)
+            observed, fresh = self.observation(ctx)
             scores = self.finish(ctx, _merge(ctx.state, ctx.state * self.alpha + observed, observed, fresh), fresh)
         if not self.bias_correction:
             return scores
@@ -79,7 +79,7 @@ class Accumulated(AttentionObservation):
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         if self.window == 0 and self.rescale == "none" and self.kernel == 1:
             return ctx.state.add_(ctx.attention)
-        observed, fresh = self.observe(ctx)
+        observed, fresh = self.observation(ctx)
         return self.finish(ctx, _merge(ctx.state, ctx.state + observed, observed, fresh), fresh)
 
 
@@ -91,7 +91,7 @@ class Instantaneous(AttentionObservation):
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         if self.window == 0 and self.rescale == "none" and self.kernel == 1:
             return ctx.attention
-        observed, fresh = self.observe(ctx)
+        observed, fresh = self.observation(ctx)
         return self.finish(ctx, observed, fresh)
 
 
@@ -106,6 +106,6 @@ class Peak(AttentionObservation):
     decay: float = Field(0.8, gt=0.0, le=1.0, description="Decay of the remembered peak per update, in (0, 1].")
 
     def update(self, ctx: ScoreContext) -> torch.Tensor:
-        observed, fresh = self.observe(ctx)
+        observed, fresh = self.observation(ctx)
         merged = torch.maximum(ctx.state * self.decay, observed)
         return self.finish(ctx, _merge(ctx.state, merged, observed, fresh), fresh)

@@ -51,21 +51,31 @@ class ScoreContext:
         layer_idx, num_layers: where the layer sits in the model.
     """
 
-    __slots__ = ("attention", "keys", "values", "state", "positions", "now", "valid", "layer_idx", "num_layers",
+    __slots__ = ("attention", "keys", "values", "state", "positions", "_now", "valid", "layer_idx", "num_layers",
                  "_age", "_window")
 
     def __init__(self, attention, keys, state, age=None, positions=None, now=None, values=None, valid=None,
                  layer_idx: int = 0, num_layers: int = 1,
                  window: Callable[[int], torch.Tensor] | None = None):
         self.attention, self.keys, self.values, self.state = attention, keys, values, state
-        self.positions, self.now, self.valid = positions, now, valid
+        self.positions, self._now, self.valid = positions, now, valid
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self._age, self._window = age, window
 
     @property
+    def now(self) -> int | None:
+        return self._now
+
+    @now.setter
+    def now(self, value: int) -> None:
+        """A layer reuses one context from step to step: a new ``now`` drops the age computed for the old one."""
+        if value != self._now:
+            self._now, self._age = value, None
+
+    @property
     def age(self) -> torch.Tensor:
         if self._age is None:
-            self._age = (self.now - self.positions).to(torch.float32)
+            self._age = (self._now - self.positions).to(torch.float32)
         return self._age
 
     def window_attention(self, window: int) -> torch.Tensor:

@@ -81,7 +81,7 @@ class AttentionObservation(Scorer):
     def every_step(self) -> bool:
         return self.window == 0
 
-    def observe(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def observation(self, ctx: ScoreContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This update's observation ``(batch, kv_heads, tokens)`` float32, and the fresh tokens (bool, same
         shape; ``None`` without a window): those inside the window, which must not enter a history."""
         if self.window == 0:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from momentkv.engine.layer import EvictingLayer
-from momentkv.engine.plan import LayerPlan, build_plans
+from momentkv.core.plan import LayerPlan, build_plans
 from momentkv.policy.loader import PolicySource, load_policy
 from momentkv.policy.schema import Policy
 
@@ -115,7 +115,7 @@ def run_trace(policy: PolicySource, trace: DecodeTrace, layer_idx: int = 0, num_
         t = p + step
         layer.update(trace.keys[:, :, t : t + 1], trace.values[:, :, t : t + 1])
         if plan.budget is not None:
-            attention = trace.attention(step, layer.positions) if layer.scoring.needs_step_attention else None
+            attention = trace.attention(step, layer.positions) if plan.needs_step_attention else None
             # observe() keeps the step's query for windowed scorers and folds the trace's attention in.
             layer.observe(trace.step_queries[:, :, step : step + 1], layer.keys, None, trace.head_dim**-0.5,
                           attention)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from momentkv.engine.group_attention import grouped_probs
+from momentkv.core.group_attention import grouped_probs
 
 
 class QueryWindow:
@@ -21,6 +21,7 @@ class QueryWindow:
         self.size = size
         self.queries: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.kept: list[int] = []  # the same sequence indices on the host: counted without a device sync
         self.scaling = 1.0
 
     def push(self, query: torch.Tensor, first_position: int, scaling: float) -> None:
@@ -35,7 +36,13 @@ class QueryWindow:
         # A copy, not a view: a view would keep the whole prompt's queries alive.
         self.queries = query[:, :, -self.size :].clone()
         self.positions = positions[-self.size :].clone()
+        self.kept = (self.kept + list(range(max(first_position, first_position + q - self.size),
+                                            first_position + q)))[-self.size :]
         self.scaling = scaling
+
+    def count_since(self, index: int) -> int:
+        """How many kept queries sit at sequence index ``index`` or later."""
+        return sum(position >= index for position in self.kept)
 
     def select_rows(self, pick) -> None:
         if self.queries is not None:

@@ -12,9 +12,6 @@ the last step, the rank-time scorers' part is computed when the layer asks (:met
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from momentkv.errors import PolicyError
@@ -22,20 +19,6 @@ from momentkv.scoring.base import ScoreContext, Scorer
 from momentkv.scoring.normalize import normalize_scores, rank_of
 
 DEBUG_ENV = "MOMENTKV_DEBUG"
-
-
-@dataclass
-class ScoreInputs:
-    """What the layer shows its scorers at one moment (see :class:`~momentkv.scoring.ScoreContext`)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    positions: torch.Tensor
-    valid: torch.Tensor | None
-    now: int
-    layer_idx: int
-    num_layers: int
-    window: Callable[[int], torch.Tensor] | None
 
 
 def _add_weighted(total: torch.Tensor | None, out: torch.Tensor, weight: float) -> torch.Tensor:
@@ -79,7 +62,6 @@ class LayerScoring:
         self.components = parts
         self.each_step = [i for i, p in enumerate(parts) if p.scorer.every_step()]
         self.at_rank = [i for i, p in enumerate(parts) if not p.scorer.every_step()]
-        self.needs_step_attention = any(s.needs_attention and s.query_window() == 0 for s in scorers)
         self.query_window = max((s.query_window() for s in scorers), default=0)
         self.debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")  # read once per layer
         self.states: list[torch.Tensor] = []
@@ -128,17 +110,16 @@ class LayerScoring:
         return sum(s.nbytes for s in self.states) + (0 if self._step_total is None else self._step_total.nbytes)
 
     # ----------------------------------------------------------------- scoring
-    def _outputs(self, which: list[int], attention, inputs: ScoreInputs) -> list[tuple[_Component, torch.Tensor]]:
-        """Run the scorers ``which`` (their states update in place) and check each output."""
+    def _outputs(self, which: list[int], attention, ctx: ScoreContext) -> list[tuple[_Component, torch.Tensor]]:
+        """Run the scorers ``which`` on ``ctx`` (one record: each scorer sees its own state in it, and the age is
+        computed once, by the first scorer that reads it); their states update in place. Check each output."""
         outputs = []
-        age = None  # computed once, by the first scorer that reads it
-        expected = tuple(inputs.positions.shape)
+        expected = tuple(ctx.positions.shape)
+        ctx.attention = attention
         for i in which:
             part = self.components[i]
-            ctx = ScoreContext(attention, inputs.keys, self.states[i], age, inputs.positions, inputs.now,
-                               inputs.values, inputs.valid, inputs.layer_idx, inputs.num_layers, inputs.window)
+            ctx.state = self.states[i]
             out = part.update(ctx)
-            age = ctx._age
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise PolicyError(
@@ -147,10 +128,11 @@ class LayerScoring:
                 )
             if self.debug and not bool(torch.isfinite(out).all()):
                 raise PolicyError(
-                    f"scorer {part.scorer.type!r} returned a NaN or infinite score at layer {inputs.layer_idx} "
-                    f"(step {inputs.now}); scores must be finite ({DEBUG_ENV}=1 checks this every step)"
+                    f"scorer {part.scorer.type!r} returned a NaN or infinite score at layer {ctx.layer_idx} "
+                    f"(step {ctx.now}); scores must be finite ({DEBUG_ENV}=1 checks this every step)"
                 )
             outputs.append((part, out))
+        ctx.state = ctx.attention = None  # the record outlives the step: hold no state or attention
         return outputs
 
     @staticmethod
@@ -169,14 +151,14 @@ class LayerScoring:
             total = _add_weighted(total, _rank_sum(ranked), 1.0)
         return total
 
-    def step(self, attention: torch.Tensor | None, inputs: ScoreInputs) -> None:
+    def step(self, attention: torch.Tensor | None, ctx: ScoreContext) -> None:
         """Fold one decode step into the every-step scorers; keep ``attention`` for the rank-time ones.
 
         The states update now; their normalisation and sum wait until :attr:`step_total` is read (at the next
         ranking), so that with ``cadence: k`` the rank normalisation runs once per ``k`` steps, not every step.
         """
         self.attention = attention
-        self._pending = self._outputs(self.each_step, attention, inputs) if self.each_step else None
+        self._pending = self._outputs(self.each_step, attention, ctx) if self.each_step else None
         self._step_total = None
 
     @property
@@ -190,12 +172,12 @@ class LayerScoring:
     def step_total(self, value: torch.Tensor | None) -> None:
         self._step_total, self._pending = value, None
 
-    def total(self, inputs: ScoreInputs) -> torch.Tensor:
+    def total(self, ctx: ScoreContext) -> torch.Tensor:
         """The ranking score ``(batch, kv_heads, T)``: every-step part plus the rank-time scorers run now."""
         total = self.step_total
         if self.at_rank:
-            late = self._combine(self._outputs(self.at_rank, self.attention, inputs))
+            late = self._combine(self._outputs(self.at_rank, self.attention, ctx))
             total = late if total is None else total + late
         if total is None:  # no scorer has run yet (or none exists): every slot ties
-            total = torch.zeros(inputs.positions.shape, dtype=torch.float32, device=inputs.positions.device)
+            total = torch.zeros(ctx.positions.shape, dtype=torch.float32, device=ctx.positions.device)
         return total

@@ -30,15 +30,16 @@ class LayerPlan:
     sliding_window: int | None = None
 
     @property
-    def needs_attention(self) -> bool:
-        """Whether the attention of each decode query must be computed for this layer's scorers."""
-        return self.budget is not None and any(s.needs_attention for s in self.scorers)
+    def needs_step_attention(self) -> bool:
+        """Whether each decode step must compute the attention of its query for this layer's scorers (the
+        scorers that read attention and no window of queries; a windowed scorer recomputes its own)."""
+        return self.budget is not None and any(s.needs_attention and s.query_window() == 0 for s in self.scorers)
 
     def budget_at(self, generated: int) -> int | None:
         """The budget in tokens once ``generated`` tokens have been generated (``None``: unbounded)."""
         if self.budget is None or isinstance(self.budget, int):
             return self.budget
-        return self.budget.tokens(generated)
+        return self.budget.budget_at(generated)
 
 
 def build_plans(policy: Policy, num_layers: int, sliding_windows: list[int | None]) -> list[LayerPlan]:

@@ -1,0 +1,66 @@
+"""Per-slot scorer states addressed by slot index, for engines that page their KV cache.
+
+A paged engine keeps each request's tokens in blocks named by a block table, and moves rows between steps;
+the states of the scorers must follow the tokens the same way. :class:`PagedStates` keeps one pool per scorer,
+``(num_slots, kv_heads)`` (``(channels, num_slots, kv_heads)`` for a scorer with several channels), indexed
+by the engine's slot indices (``block * block_size + offset``), so a state moves with its slot and needs no
+request id. Around a call into :class:`~momentkv.core.eviction.LayerEviction`, the engine gathers the states
+of a batch's evictable slots into the dense ``(batch, kv_heads, T)`` views the core works on
+(:meth:`PagedStates.load`) and writes them back (:meth:`PagedStates.store`), the last step's combined score
+of the every-step scorers included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedStates:
+    """The scorer-state pools of one layer (see the module docstring).
+
+    Args:
+        channels: the ``state_channels`` of each scorer, in the layer's order.
+        num_slots: slots in the engine's pool; kv_heads: KV heads of the layer.
+    """
+
+    def __init__(self, channels: list[int], num_slots: int, kv_heads: int, device="cpu"):
+        self.pools = [torch.zeros((num_slots, kv_heads) if c == 1 else (c, num_slots, kv_heads),
+                                  dtype=torch.float32, device=device) for c in channels]
+        # The every-step scorers' combined score of the last step, per slot (the next ranking reads it).
+        self.total = torch.zeros((num_slots, kv_heads), dtype=torch.float32, device=device)
+        self.has_total = False
+
+    def load(self, scoring, table: torch.Tensor) -> None:
+        """Give ``scoring`` (a :class:`~momentkv.core.scorer_states.LayerScoring`) the states and last combined
+        score of slots ``table`` ``(batch, T)``, as dense ``(batch, kv_heads, T)`` views."""
+        scoring.states = self.gather(table)
+        scoring.step_total = self._rows(self.total, table) if self.has_total else None
+        scoring.started = True
+
+    def store(self, scoring, table: torch.Tensor) -> None:
+        """Write ``scoring``'s states and last combined score back to slots ``table`` ``(batch, T)``."""
+        self.scatter(table, scoring.states)
+        total = scoring.step_total
+        if total is not None:
+            self.total[table, :] = total.transpose(-1, -2)
+            self.has_total = True
+
+    @staticmethod
+    def _rows(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``pool`` ``(..., N, h)`` at ``table`` ``(b, T)`` -> ``(..., b, h, T)``."""
+        picked = pool[..., table, :]  # (..., b, T, h)
+        return picked.transpose(-1, -2).contiguous()
+
+    def gather(self, table: torch.Tensor) -> list[torch.Tensor]:
+        """The states of slots ``table`` ``(batch, T)`` int64 as ``(batch, kv_heads, T)`` (or with channels first)."""
+        return [self._rows(pool, table) for pool in self.pools]
+
+    def scatter(self, table: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """Write dense ``states`` (as :meth:`gather` returns them) back to slots ``table`` ``(batch, T)``."""
+        for pool, state in zip(self.pools, states):
+            pool[..., table, :] = state.transpose(-1, -2)
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """New tokens arrive in ``slots`` (any shape of slot indices): their states start at zero."""
+        for pool in self.pools:
+            pool[..., slots.reshape(-1), :] = 0.0
