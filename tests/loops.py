@@ -57,12 +57,15 @@ def physical_run(model, policy, inputs, steps: int, seed: int = 0, on_step=None,
 
 
 @torch.no_grad()
-def oracle_run(model, policy, inputs, steps: int, seed: int = 0):
-    """The same stream through :class:`tests.oracle.MaskingOracle` (full cache, evicted tokens masked)."""
+def oracle_run(model, policy, inputs, steps: int, seed: int = 0, follow=None):
+    """The same stream through :class:`tests.oracle.MaskingOracle` (full cache, evicted tokens masked).
+
+    ``follow``: the engine's choices (:class:`tests.oracle.EngineChoices`, recorded by ``physical_run``), which
+    the oracle checks at each eviction and then makes too (see ``oracle.py`` on near-ties)."""
     from oracle import MaskingOracle
 
     mask = inputs["attention_mask"]
-    oracle = MaskingOracle(model, policy, mask)
+    oracle = MaskingOracle(model, policy, mask, follow=follow)
     logits = [oracle.prefill(inputs["input_ids"], mask, positions_for(mask))]
     next_pos = positions_for(mask)[:, -1:] + 1
     for tok in token_stream(mask.shape[0], steps, seed):

@@ -7,6 +7,7 @@ import momentkv
 from momentkv.engine import attention as attention_module
 from loops import oracle_run, physical_run
 from models import FAMILIES, prompts, tiny_model
+from oracle import EngineChoices
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 POLICY = {"decode": {"budget": 5, "recent": 2, "sinks": 1,
@@ -54,7 +55,8 @@ def test_fused_wiring_on_cpu_with_the_reference_kernel(family, monkeypatch):
                         lambda query, mask: mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1))
     monkeypatch.setattr(attention_module, "_fused_step", lambda *a: calls.append(1) or original(*a))
     inputs = prompts(batch=3, length=7)
-    physical, _ = physical_run(tiny_model(family), POLICY, inputs, steps=14)
-    oracle = oracle_run(tiny_model(family, "eager"), POLICY, inputs, steps=14)
-    assert calls
+    choices = EngineChoices()  # the oracle checks each eviction and follows the engine through near-ties
+    physical, _ = physical_run(tiny_model(family), POLICY, inputs, steps=14, on_step=choices)
+    oracle = oracle_run(tiny_model(family, "eager"), POLICY, inputs, steps=14, follow=choices)
+    assert calls and choices.checked > 0
     torch.testing.assert_close(physical, oracle, rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ import momentkv
 from momentkv import testing
 from loops import oracle_run, physical_run, positions_for
 from models import FAMILIES, prompts, tiny_model
+from oracle import EngineChoices
 from momentkv import PolicyError
 from momentkv.scoring import Scorer
 from scratch import scratch_scorer
@@ -26,11 +27,13 @@ def test_layers_holding_different_slot_counts_match_the_oracle(family, attn, nam
     """Each layer attends with a mask sized to its own keys, whatever the mask's reference layer holds."""
     policy = UNEVEN[name]
     inputs = prompts(batch=3, length=7)
-    physical, cache = physical_run(tiny_model(family, attn), policy, inputs, steps=12)
-    oracle = oracle_run(tiny_model(family, "eager"), policy, inputs, steps=12)
+    choices = EngineChoices()  # the oracle checks each eviction and follows the engine through near-ties
+    physical, cache = physical_run(tiny_model(family, attn), policy, inputs, steps=12, on_step=choices)
+    oracle = oracle_run(tiny_model(family, "eager"), policy, inputs, steps=12, follow=choices)
     stored = [layer.stored for layer in cache.layers]
     assert stored[0] != stored[1]  # the layers really differ
     torch.testing.assert_close(physical, oracle, rtol=0, atol=1e-5)
+    assert choices.checked > 0
 
 
 def test_padded_generate_with_an_uncompressed_last_layer():
@@ -92,9 +95,11 @@ def test_sliding_layers_never_store_what_no_query_can_see(policy):
 def test_sliding_layers_match_the_oracle_with_padding():
     policy = {"decode": {"budget": 4, "sinks": 1, "scorers": [{"type": "ema"}]}}
     inputs = prompts(batch=3, length=12)
-    physical, cache = physical_run(tiny_model("mistral", sliding_window=6), policy, inputs, steps=14)
-    oracle = oracle_run(tiny_model("mistral", "eager", sliding_window=6), policy, inputs, steps=14)
+    choices = EngineChoices()
+    physical, cache = physical_run(tiny_model("mistral", sliding_window=6), policy, inputs, steps=14, on_step=choices)
+    oracle = oracle_run(tiny_model("mistral", "eager", sliding_window=6), policy, inputs, steps=14, follow=choices)
     torch.testing.assert_close(physical, oracle, rtol=0, atol=1e-5)
+    assert choices.checked > 0
     assert all(layer.stored <= 6 for layer in cache.layers)
 
 
