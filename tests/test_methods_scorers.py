@@ -3,6 +3,10 @@
 Each reference below is written from the method's formula with plain loops over tokens (no call into the
 scorer, no shared helper), on caches whose slots are deliberately out of sequence order, as they are once
 eviction has reused slots.
+
+A threshold in a formula (R-KV's near-duplicates, RaaS's hits) is a discontinuity: the references check that
+no value of the test data lies within the scorer's float32 rounding of its threshold (:func:`decided`), so
+that the comparison holds whatever order or vector path the CPU rounds in.
 """
 
 from __future__ import annotations
@@ -17,6 +21,15 @@ from momentkv.policy import load_policy
 from momentkv.scoring import (
     EMA, Accumulated, Instantaneous, KeyDiff, LastHit, Peak, Redundancy, ScoreContext,
 )
+from accuracy import UNIT_ROUNDOFF, gamma
+
+U32 = UNIT_ROUNDOFF[torch.float32]
+
+
+def decided(value: float, threshold: float, rounding: float) -> bool:
+    """``value > threshold``, after checking that the scorer's rounding (``rounding``) cannot decide it."""
+    assert abs(value - threshold) > rounding, f"test data ties: {value!r} within {rounding:.3g} of {threshold!r}"
+    return value > threshold
 
 
 def shuffled_positions(batch: int, heads: int, n: int, start: int, seed: int) -> torch.Tensor:
@@ -45,8 +58,10 @@ def reference_redundancy(keys, positions, threshold, retain, valid=None):
             k = {i: keys[r, head, i].double() for i in idx}
             sim = {(i, j): 0.0 if i == j else float(k[i] @ k[j] / ((k[i].norm() + 1e-8) * (k[j].norm() + 1e-8)))
                    for i in idx for j in idx}
+            # The scorer's float32 cosine: unit vectors (gamma(d)/2 + 3u per component), dotted (gamma(d)).
+            rounding = 2 * gamma(keys.shape[-1] + 3, U32)
             for i in idx:
-                dups = [j for j in idx if j != i and sim[i, j] > threshold]
+                dups = [j for j in idx if j != i and decided(sim[i, j], threshold, rounding)]
                 if dups:
                     pick = max if retain == "last" else min
                     j = pick(dups, key=lambda t: int(positions[r, head, t]))
@@ -144,7 +159,8 @@ def test_last_hit_is_least_recently_used_and_recurrence_intervals():
         got_lazy = lazy.update(context(attention=attention, state=state_lazy, positions=positions, now=now))
         for h in range(2):
             for i in range(n):
-                if float(attention[0, h, i]) > 1.0 / n:
+                # The scorer compares the same float32 attention with float32(1 / n).
+                if decided(float(attention[0, h, i]), 1.0 / n, U32 / n):
                     longest[h, i] = max(longest[h, i], now - last[h, i])
                     last[h, i] = now
                 since = now - last[h, i]
