@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import momentkv
-from models import FAMILIES, prompts, tiny_model, wide_windows
+from models import FAMILIES, prompts, tiny_model
 
 NEW_TOKENS = 12
 LARGE = {"name": "large", "decode": {"budget": 64, "recent": 4, "sinks": 2,
@@ -19,7 +19,7 @@ def _generate(model, inputs, **kwargs):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_bit_identical_when_budget_not_reached(family, attn, batch):
-    model = tiny_model(family, attn, **wide_windows(family))
+    model = tiny_model(family, attn)
     inputs = prompts(batch=batch, length=9)
     reference = _generate(model, inputs)
     with momentkv.patched(model, LARGE) as handle:
@@ -31,7 +31,7 @@ def test_greedy_bit_identical_when_budget_not_reached(family, attn, batch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_bit_identical_when_budget_not_reached(family):
-    model = tiny_model(family, **wide_windows(family))
+    model = tiny_model(family)
     inputs = prompts(batch=2, length=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     reference = model.generate(**inputs, **kwargs)

@@ -6,6 +6,7 @@
   passing, fails here rather than being ignored for a user).
 - The sliding rule against what transformers does: the window each layer's module passes to its attention
   function, and, with windows that bind, the patched model generating the stock model's tokens.
+- Eviction under binding windows equals the masking oracle (every layer kind of each family at once).
 - ``moment.yaml`` on a model of every family holds the budget on every kind of layer the family has
   (global, sliding, NoPE), read from ``handle.stats()``.
 - Checkpoint variants with an attention feature the engine does not serve are refused, naming it.
@@ -20,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import momentkv
+from loops import oracle_run, physical_run
 from models import FAMILIES, prompts, tiny_model
 from momentkv import PolicyError
 from momentkv.patches import ADAPTERS
@@ -35,10 +37,12 @@ SLIDING_VARIANTS = {
     "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=2),
     "qwen3": dict(use_sliding_window=True, sliding_window=6, max_window_layers=2),
     "qwen3_moe": dict(use_sliding_window=True, sliding_window=6),  # every layer
-    "olmo3": {},  # three sliding layers to one global, window 6 in the tiny config
+    "olmo3": dict(sliding_window=6),  # three sliding layers to one global
     "smollm3": dict(use_sliding_window=True, sliding_window=6),  # the NoPE layers slide
-    "gemma3_text": {},  # every other layer slides, window 6 in the tiny config
+    "gemma3_text": dict(sliding_window=6),  # every other layer slides (sliding_window_pattern 2)
 }
+# The families whose sliding layers the other oracle tests do not reach with a binding window.
+NEW_SLIDING = ("phi3", "qwen3_moe", "olmo3", "smollm3", "gemma3_text")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -104,6 +108,26 @@ def test_binding_sliding_windows_generate_the_stock_tokens(family):
 
 
 BUDGET, NEW = 16, 30
+
+
+@pytest.mark.parametrize("family", NEW_SLIDING)
+def test_eviction_with_binding_windows_matches_the_masking_oracle(family):
+    """Budget 5 (1 sink, 2 recent) and windows of 6 on the family's sliding layers, 4 layers, a left-padded
+    batch: physical eviction (SDPA) gives the logits of the full cache with the evicted and out-of-window tokens
+    masked (eager), step by step."""
+    policy = {"decode": {"budget": 5, "recent": 2, "sinks": 1,
+                         "scorers": [{"type": "ema", "alpha": 0.8, "bias_correction": True}]}}
+    make = lambda attn: tiny_model(family, attn, layers=4, **SLIDING_VARIANTS[family])  # noqa: E731
+    inputs = prompts(batch=3, length=7)
+    physical, cache = physical_run(make("sdpa"), policy, inputs, steps=14)
+    oracle = oracle_run(make("eager"), policy, inputs, steps=14)
+    full, _ = physical_run(make("sdpa"), "full.yaml", inputs, steps=14)
+    torch.testing.assert_close(physical, oracle, rtol=0, atol=1e-5)
+    assert (physical - full).abs().max() > 1e-3
+    windows = ADAPTERS[family].sliding_windows(make("sdpa").config)
+    assert any(w == 6 for w in windows)
+    for layer, window in zip(cache.layers, windows):
+        assert layer.stored <= (window if window is not None else 7 + 5)
 
 
 def _layer_kinds(model) -> list[str]:
