@@ -10,11 +10,37 @@ and the kernels' torch reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Scaled logits ``(batch, kv_heads, groups, q, S)`` float32 of ``query`` ``(b, heads, q, d)`` against ``key``."""
+@dataclass(frozen=True)
+class Logits:
+    """How a family's attention turns ``q . k`` into probabilities, where a scale is not all of it.
+
+    ``scaling`` multiplies ``q . k``; ``softcap`` (Gemma 2) then caps the logits smoothly, ``tanh(l / cap) * cap``,
+    before the mask; ``sinks`` (GPT-OSS, ``(heads,)``) are learned logits, one per query head, that join each
+    softmax's denominator: they take probability mass but are not keys, so no cached token stands for them and
+    the probabilities over the keys sum to less than one. Every function here taking ``scaling`` takes a
+    :class:`Logits` too (see :func:`logit_rule`).
+    """
+
+    scaling: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+
+def logit_rule(scaling: float, softcap: float | None = None, sinks: torch.Tensor | None = None):
+    """``scaling`` itself when nothing else shapes the logits (the float path, unchanged), else a :class:`Logits`."""
+    if softcap is None and sinks is None:
+        return scaling
+    return Logits(float(scaling), None if softcap is None else float(softcap), sinks)
+
+
+def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float | Logits) -> torch.Tensor:
+    """Scaled logits ``(batch, kv_heads, groups, q, S)`` float32 of ``query`` ``(b, heads, q, d)`` against ``key``,
+    soft-capped when ``scaling`` is a :class:`Logits` with a ``softcap``."""
     b, h, q, d = query.shape
     kv, s = key.shape[1], key.shape[2]
     groups = h // kv
@@ -24,7 +50,11 @@ def grouped_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> to
         # Half-precision logits lose the softmax its accuracy (and q.k may pass float16's 65504): accumulate
         # in float32, as SDPA's CPU kernel does.
         grouped, keys = grouped.float(), keys.float()
-    logits = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scaling)  # one batched matmul, no broadcasting
+    rule = scaling if isinstance(scaling, Logits) else None
+    scale = rule.scaling if rule is not None else scaling
+    logits = torch.bmm(grouped, keys.transpose(1, 2)).mul_(scale)  # one batched matmul, no broadcasting
+    if rule is not None and rule.softcap is not None:
+        logits = logits.div_(rule.softcap).tanh_().mul_(rule.softcap)
     return logits.view(b, kv, groups, q, s)
 
 
@@ -41,7 +71,7 @@ def _apply_mask(logits: torch.Tensor, mask) -> torch.Tensor:
     return logits.add_(m.to(torch.float32))
 
 
-def grouped_probs(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+def grouped_probs(query: torch.Tensor, key: torch.Tensor, mask, scaling: float | Logits,
                   rows_may_be_empty: bool = False) -> torch.Tensor:
     """Softmax attention ``(batch, kv_heads, groups, q, S)`` float32 of every query head.
 
@@ -50,11 +80,18 @@ def grouped_probs(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
         key: ``(batch, kv_heads, S, head_dim)``.
         mask: ``None``, a bool mask (True = attend) or an additive float mask shaped
             ``(batch or 1, 1 or heads, >= q, S)``.
-        scaling: the softmax scale.
+        scaling: the softmax scale, or a :class:`Logits` (soft-capping, sinks).
         rows_may_be_empty: True where a query may see no key at all (a padding query): its row is zeros, not
             NaN. A decode query always sees itself, and takes the single-kernel ``torch.softmax``.
     """
     logits = _apply_mask(grouped_logits(query, key, scaling), mask)
+    sinks = scaling.sinks if isinstance(scaling, Logits) else None
+    if sinks is not None:  # each head's sink logit joins the denominator, as a key that is never stored
+        b, kv, g = logits.shape[:3]
+        sink = sinks.detach().to(device=logits.device, dtype=torch.float32).view(1, kv, g, 1, 1)
+        peak = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)  # finite: a row that sees no key gives 0
+        weights = (logits - peak).exp_()
+        return weights.div_(weights.sum(dim=-1, keepdim=True).add_((sink - peak).exp()))
     if not rows_may_be_empty:
         return torch.softmax(logits, dim=-1)
     peak = logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
@@ -68,17 +105,17 @@ def group_mean(probs: torch.Tensor) -> torch.Tensor:
     return probs.sum(dim=2).mul_(1.0 / probs.shape[2])
 
 
-def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+def group_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float | Logits,
                     rows_may_be_empty: bool = False) -> torch.Tensor:
     """Softmax attention of the last query, averaged over each GQA group: ``(batch, kv_heads, S)`` float32.
 
     ``query`` ``(batch, heads, >= 1, head_dim)``; see :func:`grouped_probs` for the other arguments. Each row
-    sums to 1 over the unmasked keys.
+    sums to 1 over the unmasked keys (less with sinks: the sinks' share is no token's).
     """
     return group_mean(grouped_probs(query[:, :, -1:], key, mask, scaling, rows_may_be_empty)[:, :, :, 0])
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float,
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float | Logits,
            rows_may_be_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and probabilities in one pass over the keys.
 
