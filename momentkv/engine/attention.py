@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from momentkv.core.group_attention import attend, group_mean
+from momentkv.core.group_attention import Logits, attend, group_mean, logit_rule
 from momentkv.engine.step import STEP_KWARG
 from momentkv.errors import PolicyError
 from momentkv.kernels import fused_decode_attention, triton_available
@@ -76,23 +76,25 @@ def make_attention_function(base: Callable, additive_mask: bool, single_pass: bo
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layer = step.layer
         scaling = module.scaling if scaling is None else scaling
+        # What momentkv computes itself honours the family's soft-capping and sinks (the base gets its keywords).
+        logits = logit_rule(scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
         mask = layer.step_mask(attention_mask, query, key, additive_mask)
         if step.needs_attention and not (dropout and module.training):
             if not single_pass:  # eager: the weights are the attention, already computed
                 output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
                 b, heads, _, s = weights.shape
                 attention = group_mean(weights[:, :, -1].float().view(b, key.shape[1], -1, s))
-                layer.observe(query, key, mask, scaling, attention)
+                layer.observe(query, key, mask, logits, attention)
                 return output, weights
-            if _fused_applies(query, mask):
+            if _fused_applies(query, mask) and not isinstance(logits, Logits):  # the kernel knows a scale only
                 output, attention = _fused_step(query, key, value, mask, scaling)
             else:
-                output, probs = attend(query, key, value, mask, scaling)
+                output, probs = attend(query, key, value, mask, logits)
                 attention = group_mean(probs[:, :, :, -1])
-            layer.observe(query, key, mask, scaling, attention)
+            layer.observe(query, key, mask, logits, attention)
             return output, None
         output, weights = base(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        layer.observe(query, key, mask, scaling)
+        layer.observe(query, key, mask, logits)
         return output, weights
 
     momentkv_attention.__qualname__ = momentkv_attention.__name__ = f"momentkv_{base.__name__}"
