@@ -2,7 +2,9 @@
 
     python tests/vllm/run_vllm.py MODEL_DIR REQUEST.json RESULT.json
 
-REQUEST.json: {"prompts": [[token ids], ...], "max_tokens": 32, "logprobs": 3}. RESULT.json lists, per prompt,
+REQUEST.json: {"prompts": [[token ids], ...], "max_tokens": 32, "logprobs": 3}, optionally
+"additional_config" (passed to ``vllm.LLM``, e.g. {"momentkv": {"policy": ...}}), "max_model_len" and
+"enable_prefix_caching". RESULT.json lists, per prompt,
 the generated token ids and, per step, the top log-probabilities as [[token_id, logprob], ...] (vLLM's
 raw log-probabilities: the chosen token's and the top ``logprobs``), and the vLLM version.
 
@@ -31,7 +33,8 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=request.get("max_model_len", 512),
         seed=0,
-        enable_prefix_caching=False,
+        enable_prefix_caching=request.get("enable_prefix_caching", False),
+        **({"additional_config": request["additional_config"]} if "additional_config" in request else {}),
     )
     params = SamplingParams(
         temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=request["logprobs"]
