@@ -50,15 +50,12 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     # transformers' Gemma 3 never passes attn_logit_softcapping to its attention (nor does momentkv).
     FamilyAdapter("gemma3_text", f"{_TF}.gemma3.modeling_gemma3",         "layer_types",   "Gemma3Attention",
                   _SLIDING, refused=(("use_bidirectional_attention", "bidirectional attention"),)),
+    # Gemma 2: attention logit soft-capping (tanh(logits / cap) * cap before the mask), computed by the single
+    # pass; sliding layers interleaved by layer_types. transformers serves it with eager attention only.
+    FamilyAdapter("gemma2",    f"{_TF}.gemma2.modeling_gemma2",           "layer_types",   "Gemma2Attention",
+                  (*_SLIDING, "softcap")),
+    # GPT-OSS: learned attention sinks (one logit per query head in the softmax's denominator, never a cached
+    # token: never scored or evicted); alternating sliding layers; a mixture of experts. Eager attention only.
+    FamilyAdapter("gpt_oss",   f"{_TF}.gpt_oss.modeling_gpt_oss",         "layer_types",   "GptOssAttention",
+                  (*_SLIDING, "s_aux")),
 )
-
-#: Families transformers ships whose attention uses a feature momentkv computes (the single pass honours
-#: ``softcap`` and ``s_aux``) but which transformers serves with eager attention only, while the identity,
-#: oracle, property and fuzz tests run every listed family under SDPA too: ``patch`` refuses them, naming the
-#: feature, until those tests run them eager-only.
-NOT_SERVED: dict[str, str] = {
-    "gemma2": "attention logit soft-capping (attn_logit_softcapping) with eager attention only, a combination "
-              "momentkv does not list as supported yet",
-    "gpt_oss": "learned attention sinks (s_aux, a per-head logit that takes probability mass) with eager "
-               "attention only, a combination momentkv does not list as supported yet",
-}

@@ -12,7 +12,11 @@ from transformers import (
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "olmo3", "granite", "phi3", "smollm3",
-            "gemma3_text")
+            "gemma3_text", "gemma2", "gpt_oss")
+# transformers serves these with eager attention only (its SDPA cannot soft-cap logits or take sinks, and it
+# refuses set_attn_implementation("sdpa")): tiny_model builds them eager whatever ``attn`` asks, so every test
+# that runs a family under SDPA and eager runs these under eager twice.
+EAGER_ONLY = ("gemma2", "gpt_oss")
 _CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -76,7 +80,7 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, dtype=t
     model = model_cls(config).to(dtype).eval()
     if family in _TRAINED_NORMS:
         _spread_norm_gains(model, seed)
-    model.set_attn_implementation(attn)
+    model.set_attn_implementation("eager" if family in EAGER_ONLY else attn)
     model.generation_config.pad_token_id = 0
     # Random weights put end-of-sequence anywhere; generation lengths are fixed by suppressing it.
     model.generation_config.eos_token_id = None

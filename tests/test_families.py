@@ -14,15 +14,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 import momentkv
 from loops import oracle_run, physical_run
-from models import FAMILIES, prompts, tiny_model
+from models import EAGER_ONLY, FAMILIES, prompts, tiny_model
 from momentkv import PolicyError
 from momentkv.patches import ADAPTERS
 from momentkv.patches.base import CACHE_UPDATE_CALL
@@ -40,9 +42,11 @@ SLIDING_VARIANTS = {
     "olmo3": dict(sliding_window=6),  # three sliding layers to one global
     "smollm3": dict(use_sliding_window=True, sliding_window=6),  # the NoPE layers slide
     "gemma3_text": dict(sliding_window=6),  # every other layer slides (sliding_window_pattern 2)
+    "gemma2": dict(sliding_window=6),  # every other layer slides
+    "gpt_oss": dict(sliding_window=6),  # every other layer slides
 }
 # The families whose sliding layers the other oracle tests do not reach with a binding window.
-NEW_SLIDING = ("phi3", "qwen3_moe", "olmo3", "smollm3", "gemma3_text")
+NEW_SLIDING = ("phi3", "qwen3_moe", "olmo3", "smollm3", "gemma3_text", "gemma2", "gpt_oss")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,8 +73,17 @@ def _spy(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _eager_spy(module, query, key, value, attention_mask, **kwargs):
+    """The same, for the families transformers serves with eager attention only (soft-capping, sinks)."""
+    _SEEN.append((module.layer_idx, kwargs.get("sliding_window")))
+    eager = importlib.import_module(type(module).__module__).eager_attention_forward
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
 AttentionInterface.register("families_spy", _spy)
 AttentionMaskInterface.register("families_spy", sdpa_mask)
+AttentionInterface.register("families_spy_eager", _eager_spy)
+AttentionMaskInterface.register("families_spy_eager", eager_mask)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -78,7 +91,7 @@ def test_sliding_windows_are_on_the_layers_transformers_slides(family):
     variant = SLIDING_VARIANTS[family]
     model = tiny_model(family, layers=4, **(variant or {}))
     windows = ADAPTERS[family].sliding_windows(model.config)
-    model.set_attn_implementation("families_spy")
+    model.set_attn_implementation("families_spy_eager" if family in EAGER_ONLY else "families_spy")
     _SEEN.clear()
     with torch.no_grad():
         model(**prompts(1, 5))
@@ -175,11 +188,3 @@ def test_gemma3_bidirectional_attention_is_refused_naming_the_feature():
     assert model.config.to_dict() == before and "generate" not in model.__dict__
     assert momentkv.handle_of(model) is None
 
-
-@pytest.mark.parametrize("family, feature", [("gemma2", "attention logit soft-capping"),
-                                             ("gpt_oss", "learned attention sinks")])
-def test_families_with_attention_features_not_served_are_refused_naming_them(family, feature):
-    model = tiny_model(family, "eager")
-    with pytest.raises(PolicyError, match=f"unsupported model type '{family}': its attention uses {feature}"):
-        momentkv.patch(model, "moment.yaml")
-    assert model.config._attn_implementation == "eager" and momentkv.handle_of(model) is None

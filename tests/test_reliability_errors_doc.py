@@ -127,7 +127,6 @@ TRIGGERS = {
     "dynamic_cache_loop": _dynamic_cache_loop,
     "switched_attention": _switched_attention,
     "refused_feature": _patch(lambda: tiny_model("gemma3_text", use_bidirectional_attention=True)),
-    "unsupported_family": _patch(lambda: tiny_model("gemma2", "eager")),
 }
 
 

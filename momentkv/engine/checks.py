@@ -9,7 +9,7 @@ import torch
 
 from momentkv.engine.cache import EvictingCache
 from momentkv.errors import PolicyError
-from momentkv.patches import SUPPORTED_MODEL_TYPES, adapter_for, not_served
+from momentkv.patches import SUPPORTED_MODEL_TYPES, adapter_for
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -131,11 +131,6 @@ def check_model(model, base_implementation: str | None = None):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     adapter = adapter_for(model_type) if model_type else None
-    if adapter is None and not_served(model_type):
-        raise PolicyError(
-            f"unsupported model type {model_type!r}: its attention uses {not_served(model_type)}; momentkv "
-            f"supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
     if adapter is None:
         raise PolicyError(
             f"unsupported model type {model_type!r}: momentkv supports {', '.join(SUPPORTED_MODEL_TYPES)}"
