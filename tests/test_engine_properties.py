@@ -22,8 +22,10 @@ def cases(draw):
     layers = draw(st.integers(2, 3))
     extra = {}
     window = draw(st.none() | st.integers(3, 10))
-    if window is not None and family == "mistral":
-        extra["sliding_window"] = window
+    if window is not None and family in ("mistral", "phi3", "olmo3", "gemma3_text", "gemma2", "gpt_oss"):
+        extra["sliding_window"] = window  # every layer (mistral, phi3), or the layers the family's pattern slides
+    elif window is not None and family in ("qwen3_moe", "smollm3"):
+        extra.update(use_sliding_window=True, sliding_window=window)
     elif window is not None and family in ("qwen2", "qwen3"):
         types = draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers,
                               max_size=layers))

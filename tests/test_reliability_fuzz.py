@@ -24,7 +24,7 @@ def model_specs(draw):
             "heads": kv_heads * draw(st.sampled_from([1, 2])),
             "dtype": draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))}
     window = draw(st.sampled_from([None, 3, 6]))
-    if window is not None and family in ("mistral", "phi3", "olmo3", "gemma3_text"):
+    if window is not None and family in ("mistral", "phi3", "olmo3", "gemma3_text", "gemma2", "gpt_oss"):
         spec["sliding_window"] = window  # every layer (mistral, phi3), or those layer_types marks sliding
     elif window is not None and family in ("qwen2", "qwen3", "qwen3_moe", "smollm3"):
         spec.update(use_sliding_window=True, sliding_window=window, max_window_layers=1)
