@@ -13,7 +13,8 @@ Several engines in one process (one import of vLLM): {"runs": [{"name": ..., "en
 entry a request as above (missing keys taken from the top level); ``env`` is set before its engine starts
 (the engine-core and worker processes inherit it; e.g. {"VLLM_PLUGINS": "none"} loads no plugin there). An
 engine that fails to start is recorded as {"error": type, "message": ...} and the next one runs. The result is
-{"vllm": version, "runs": {name: result}} with each run's wall time in seconds.
+{"vllm": version, "runs": {name: result}} with each run's wall time in seconds (engine start to shutdown)
+and that of its ``generate`` call.
 
 vLLM spawns its engine-core and worker processes, which re-import the main module: the work sits under
 the ``__main__`` guard, and it runs as a script of its own so that pytest's process never starts vLLM.
@@ -47,8 +48,9 @@ def generate(model_dir: str, request: dict) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=request["logprobs"])
               for n in counts]
     prompts = [{"prompt_token_ids": ids} for ids in request["prompts"]]
+    start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    result = {"outputs": []}
+    result = {"outputs": [], "generate_seconds": round(time.perf_counter() - start, 2)}
     for out in outputs:
         completion = out.outputs[0]
         steps = [
@@ -88,7 +90,8 @@ def main() -> None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            print(f"run {run['name']}: {out.get('error', 'ok')} in {out['seconds']} s", flush=True)
+            timing = f", generate() {out['generate_seconds']} s" if "generate_seconds" in out else ""
+            print(f"run {run['name']}: {out.get('error', 'ok')} in {out['seconds']} s{timing}", flush=True)
     with open(result_path, "w") as f:
         json.dump(result, f)
 

@@ -82,11 +82,11 @@ def unsupported(policy, num_layers: int) -> list[str]:
     return problems
 
 
-def check(source, vllm_config=None):
+def check(source, vllm_config=None, num_layers: int = 1):
     """Load ``source`` and refuse, with ``PolicyError`` naming each feature, what the vLLM backend cannot run
-    (in the policy, and in ``vllm_config`` where given). Returns the policy."""
+    (in the policy, and in ``vllm_config`` where given; without it, for a model of ``num_layers``). Returns
+    the policy."""
     policy = load(source)
-    num_layers = 1
     problems = []
     if vllm_config is not None:
         model = vllm_config.model_config
