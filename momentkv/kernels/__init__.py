@@ -3,11 +3,13 @@
 ``fused_decode_attention`` is the entry point. It runs the fused Triton kernel on CUDA tensors when triton is
 installed (``pip install momentkv[triton]``) and the torch reference otherwise; both have one contract:
 
-    out, attn = fused_decode_attention(query, key, value, scaling, valid=None)
+    out, attn = fused_decode_attention(query, key, value, scaling, valid=None, *, softcap=None, sinks=None)
 
     query      (batch, heads, head_dim)             one decode query per head
     key/value  (batch, kv_heads, S, head_dim)       not expanded; heads = kv_heads * groups
     valid      (batch, S) bool or None              False masks a key out
+    softcap    float or None                        Gemma 2: cap * tanh(l / cap) of the scaled logits, before the mask
+    sinks      (heads,) float or None               GPT-OSS: one logit per query head joining its softmax denominator
     out        (batch, heads, head_dim)             input dtype
     attn       (batch, kv_heads, S)                 float32, probabilities averaged over each query group
 
@@ -47,6 +49,9 @@ def fused_decode_attention(
     value: torch.Tensor,
     scaling: float,
     valid: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention and the group-averaged attention per cached token.
 
@@ -56,5 +61,5 @@ def fused_decode_attention(
     if query.is_cuda and triton_available():
         from momentkv.kernels.triton_decode import decode_attention_triton
 
-        return decode_attention_triton(query, key, value, scaling, valid)
-    return decode_attention_reference(query, key, value, scaling, valid)
+        return decode_attention_triton(query, key, value, scaling, valid, softcap=softcap, sinks=sinks)
+    return decode_attention_reference(query, key, value, scaling, valid, softcap=softcap, sinks=sinks)

@@ -37,6 +37,15 @@ from momentkv.kernels.reference import check_decode_args
 
 
 @triton.jit
+def _tanh(x):
+    """``tanh`` from one ``exp`` of a non-positive argument: no overflow, the same in the interpreter and on
+    CUDA (where ``tl.math`` has no portable tanh). Absolute error about one float32 ulp of 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _momentkv_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr,  # inputs
     logits_ptr, part_out_ptr, part_m_ptr, part_l_ptr,  # float32 scratch
@@ -44,9 +53,9 @@ def _momentkv_decode_split_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_ms,
-    scaling, seq_len, split_len, num_splits, kv_heads,
+    scaling, softcap, seq_len, split_len, num_splits, kv_heads,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     split = tl.program_id(0)
     bkv = tl.program_id(1)  # batch * kv_heads + kv_head
@@ -87,6 +96,8 @@ def _momentkv_decode_split_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scaling  # (G_PAD, BLOCK_N) float32
+        if HAS_SOFTCAP:  # Gemma 2: cap * tanh(s / cap), before the mask
+            s = softcap * _tanh(s / softcap)
         keep = in_range
         if HAS_VALID:
             flags = tl.load(valid_ptr + b.to(tl.int64) * stride_mb + cols * stride_ms, mask=in_range, other=0)
@@ -118,11 +129,12 @@ def _momentkv_decode_split_kernel(
 @triton.jit
 def _momentkv_decode_combine_kernel(
     logits_ptr, part_out_ptr, part_m_ptr, part_l_ptr,  # float32 scratch from the split kernel
+    sinks_ptr,  # (heads,) float32 learned sink logits; unused without HAS_SINKS
     out_ptr, attn_ptr,
     stride_ob, stride_oh, stride_od,
     seq_len, num_splits, kv_heads,
     GROUPS: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MERGE_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -139,8 +151,15 @@ def _momentkv_decode_combine_kernel(
     m_j = tl.load(part_m_ptr + stat, mask=gj_mask, other=float("-inf"))
     l_j = tl.load(part_l_ptr + stat, mask=gj_mask, other=0.0)
     m_max = tl.max(m_j, axis=1)
+    if HAS_SINKS:
+        # GPT-OSS: each query head's sink logit joins its denominator (a key with no value, never stored); the
+        # reference max includes it, so it is finite even for a row with every key masked (weights 0 there).
+        sink = tl.load(sinks_ptr + kvh * GROUPS + offs_g, mask=g_mask, other=float("-inf"))  # (G_PAD,)
+        m_max = tl.maximum(m_max, sink)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # a fully masked row: every weight below is 0
     denom = tl.sum(l_j * tl.exp(m_j - m_ref[:, None]), axis=1)
+    if HAS_SINKS:
+        denom += tl.exp(sink - m_ref)
     inv_denom = tl.where(denom > 0.0, 1.0 / tl.where(denom > 0.0, denom, 1.0), 0.0)
 
     # This block's probabilities, averaged over the group.
@@ -164,8 +183,13 @@ def _momentkv_decode_combine_kernel(
             mg = tl.load(part_m_ptr + first + offs_j * GROUPS, mask=j_mask, other=float("-inf"))  # (SPLITS_PAD,)
             lg = tl.load(part_l_ptr + first + offs_j * GROUPS, mask=j_mask, other=0.0)
             mg_max = tl.max(mg, axis=0)
+            if HAS_SINKS:
+                sink_g = tl.load(sinks_ptr + kvh * GROUPS + g)
+                mg_max = tl.maximum(mg_max, sink_g)
             mg_ref = tl.where(mg_max == float("-inf"), 0.0, mg_max)
             den = tl.sum(lg * tl.exp(mg - mg_ref), axis=0)
+            if HAS_SINKS:  # the sink enlarges the denominator only: it has no value vector
+                den += tl.exp(sink_g - mg_ref)
             inv = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
             out = tl.zeros([D_PAD], tl.float32)
             for j0 in range(0, num_splits, MERGE_CHUNK):
@@ -205,6 +229,8 @@ def decode_attention_triton(
     scaling: float,
     valid: torch.Tensor | None = None,
     *,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -212,11 +238,13 @@ def decode_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton version of ``decode_attention_reference`` (same arguments, same results).
 
+    ``softcap`` (Gemma 2) caps the scaled logits, ``cap * tanh(l / cap)``, before the mask; ``sinks`` (GPT-OSS,
+    ``(heads,)``) adds ``exp(sink)`` of its query head to each softmax denominator.
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. ``block_n`` (tokens per tile) and
     ``num_splits`` override the launch heuristics (tests use them to force several splits and tiles);
     ``num_warps`` and ``num_stages`` (triton's default when None) go to the split kernel's launch.
     """
-    b, h, kv, s, d = check_decode_args(query, key, value, valid)
+    b, h, kv, s, d = check_decode_args(query, key, value, valid, sinks)
     groups = h // kv
     dev = query.device
     out = torch.empty((b, h, d), dtype=query.dtype, device=dev)
@@ -238,26 +266,28 @@ def decode_attention_triton(
     # bf16): it computes in float32 there. float32 inputs always use IEEE products rather than TF32.
     dot_fp32 = query.dtype == torch.float32 or not query.is_cuda
     flags = valid.view(torch.uint8) if valid is not None else attn  # any pointer; unused without a mask
+    sink_logits = attn if sinks is None else sinks.detach().to(device=dev, dtype=torch.float32).contiguous()
     stride_mb, stride_ms = (flags.stride(0), flags.stride(1)) if valid is not None else (0, 0)
 
     _momentkv_decode_split_kernel[(splits, b * kv)](
         query, key, value, flags,
         logits, part_out, part_m, part_l,
         *query.stride(), *key.stride(), *value.stride(), stride_mb, stride_ms,
-        float(scaling), s, split_len, splits, kv,
+        float(scaling), 1.0 if softcap is None else float(softcap), s, split_len, splits, kv,
         GROUPS=groups, G_PAD=g_pad, HEAD_DIM=d, D_PAD=d_pad,
-        BLOCK_N=block_n, HAS_VALID=valid is not None, DOT_FP32=dot_fp32,
+        BLOCK_N=block_n, HAS_VALID=valid is not None, HAS_SOFTCAP=softcap is not None, DOT_FP32=dot_fp32,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     block_s = 1024 if s > 512 else 128
     splits_pad = max(2, triton.next_power_of_2(splits))
     _momentkv_decode_combine_kernel[(triton.cdiv(s, block_s), b * kv)](
         logits, part_out, part_m, part_l,
+        sink_logits,
         out, attn,
         *out.stride(),
         s, splits, kv,
         GROUPS=groups, G_PAD=triton.next_power_of_2(groups), HEAD_DIM=d, D_PAD=d_pad,
-        SPLITS_PAD=splits_pad, MERGE_CHUNK=min(32, splits_pad), BLOCK_S=block_s,
+        SPLITS_PAD=splits_pad, MERGE_CHUNK=min(32, splits_pad), BLOCK_S=block_s, HAS_SINKS=sinks is not None,
         num_warps=4,
     )
     return out, attn
