@@ -45,10 +45,13 @@ def _fused_applies(query, mask) -> bool:
     )
 
 
-def _fused_step(query, key, value, mask, scaling):
-    """Attention output ``(b, 1, heads, d)`` and the attention per cached token from the Triton kernel."""
+def _fused_step(query, key, value, mask, logits):
+    """Attention output ``(b, 1, heads, d)`` and the attention per cached token from the Triton kernel.
+    ``logits``: the scale, or a :class:`Logits` whose soft-capping and sinks the kernel applies too."""
     valid = None if mask is None else mask[:, 0, -1, :].expand(query.shape[0], key.shape[2])
-    out, attention = fused_decode_attention(query[:, :, 0], key, value, scaling, valid=valid)
+    rule = logits if isinstance(logits, Logits) else Logits(logits)
+    out, attention = fused_decode_attention(query[:, :, 0], key, value, rule.scaling, valid=valid,
+                                            softcap=rule.softcap, sinks=rule.sinks)
     return out.unsqueeze(1), attention
 
 
@@ -86,8 +89,8 @@ def make_attention_function(base: Callable, additive_mask: bool, single_pass: bo
                 attention = group_mean(weights[:, :, -1].float().view(b, key.shape[1], -1, s))
                 layer.observe(query, key, mask, logits, attention)
                 return output, weights
-            if _fused_applies(query, mask) and not isinstance(logits, Logits):  # the kernel knows a scale only
-                output, attention = _fused_step(query, key, value, mask, scaling)
+            if _fused_applies(query, mask):  # soft-capping and sinks included
+                output, attention = _fused_step(query, key, value, mask, logits)
             else:
                 output, probs = attend(query, key, value, mask, logits)
                 attention = group_mean(probs[:, :, :, -1])
