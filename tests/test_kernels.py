@@ -86,17 +86,24 @@ def make_inputs(batch, heads, kv_heads, seq, dim, dtype, mask="none", seed=0, de
 # ---------------------------------------------------------------------------------------------- reference
 
 
-def naive_decode_attention(query, key, value, scaling, valid):
-    """Float64, one softmax per query head over keys expanded with repeat_interleave (what the reference avoids)."""
+def naive_decode_attention(query, key, value, scaling, valid, softcap=None, sinks=None):
+    """Float64, one softmax per query head over keys expanded with repeat_interleave (what the reference avoids);
+    ``sinks`` join as one extra logit column whose probability is dropped (a row with no valid key gives 0)."""
     b, h, d = query.shape
     kv, s = key.shape[1], key.shape[2]
     groups = h // kv
     k = key.double().repeat_interleave(groups, dim=1)  # (b, h, S, d)
     v = value.double().repeat_interleave(groups, dim=1)
     logits = torch.einsum("bhd,bhsd->bhs", query.double(), k) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (b, h, S)
+    if sinks is None:
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (b, h, S); a row with no valid key: zeros
+    else:
+        column = sinks.double().view(1, h, 1).expand(b, h, 1)
+        probs = torch.softmax(torch.cat([logits, column], dim=-1), dim=-1)[..., :s]
     out = torch.einsum("bhs,bhsd->bhd", probs, v)
     return out, probs.view(b, kv, groups, s).mean(dim=2)
 
@@ -126,6 +133,92 @@ def test_reference_fully_masked_row_gives_zeros():
     assert_close(out[0], naive_decode_attention(q, k, v, 0.25, valid)[0][0], 1e-5, 1e-5, name="out row 0")
 
 
+# Soft-capping (Gemma 2) and learned sinks (GPT-OSS): the logits are large enough that the cap bites, and the
+# sinks take a share of each row that dropping them would show (asserted below for the kernel).
+FEATURES = ["softcap", "sinks", "softcap+sinks"]
+FEATURE_SCALING = 0.5
+
+
+def feature_kwargs(feature: str, heads: int) -> dict:
+    kwargs = {}
+    if "softcap" in feature:
+        kwargs["softcap"] = 3.0
+    if "sinks" in feature:
+        kwargs["sinks"] = torch.linspace(-1.0, 4.0, heads)
+    return kwargs
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("mask", ["none", "prefix+random", "empty-row"])
+def test_reference_with_softcap_and_sinks_matches_naive(feature, dtype, mask):
+    q, k, v, valid = make_inputs(2, 8, 2, 41, 16, dtype, "random" if mask == "empty-row" else mask, device="cpu")
+    if mask == "empty-row":
+        valid[1] = False
+    kwargs = feature_kwargs(feature, 8)
+    out, attn = decode_attention_reference(q, k, v, FEATURE_SCALING, valid, **kwargs)
+    want_out, want_attn = naive_decode_attention(q, k, v, FEATURE_SCALING, valid, **kwargs)
+    assert out.dtype == dtype and attn.dtype == torch.float32
+    assert_close(out, want_out, *OUT_TOL[dtype], name="out")
+    assert_close(attn, want_attn, 1e-6, 1e-5, name="attn")
+    if mask == "empty-row":
+        assert (out[1] == 0).all() and (attn[1] == 0).all()
+    if "sinks" in feature:  # the sinks take mass that no token gets
+        assert (attn[0].sum(-1) < 1 - 1e-3).all()
+
+
+def test_reference_softcap_equals_gemma2_eager():
+    """The families' own eager functions (float64, one decode query) give what the reference gives (float32)."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+
+    q, k, v, valid = make_inputs(2, 6, 2, 19, 16, torch.float32, "random", device="cpu")
+    q, k, v = q.double() * 3, k.double() * 3, v.double()  # float32 values, logits well past the cap
+    additive = torch.zeros(2, 1, 1, 19, dtype=torch.float64).masked_fill(~valid.view(2, 1, 1, 19), -1e300)
+    module = SimpleNamespace(num_key_value_groups=3, head_dim=16, training=False)
+    want_out, weights = gemma2_eager(module, q.unsqueeze(2), k, v, additive, scaling=0.25, softcap=5.0)
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid, softcap=5.0)
+    assert_close(out, want_out[:, 0], 1e-5, 0, name="out")
+    assert_close(attn, weights[:, :, 0].reshape(2, 2, 3, 19).mean(2), 1e-5, 0, name="attn")
+    uncapped, _ = decode_attention_reference(q, k, v, 0.25, valid)
+    assert (uncapped - want_out[:, 0]).abs().max() > 1e-3  # the cap changes the result here
+
+
+def test_reference_sinks_equal_gpt_oss_eager():
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+
+    q, k, v, valid = make_inputs(2, 6, 2, 19, 16, torch.float32, "random", device="cpu")
+    q, k, v = q.double(), k.double(), v.double()
+    sinks = torch.linspace(-2.0, 3.0, 6, dtype=torch.float64)
+    additive = torch.zeros(2, 1, 1, 19, dtype=torch.float64).masked_fill(~valid.view(2, 1, 1, 19), -1e300)
+    module = SimpleNamespace(num_key_value_groups=3, head_dim=16, training=False, sinks=sinks)
+    want_out, weights = gpt_oss_eager(module, q.unsqueeze(2), k, v, additive, scaling=0.25)
+    out, attn = decode_attention_reference(q, k, v, 0.25, valid, sinks=sinks)
+    assert_close(out, want_out[:, 0], 1e-5, 0, name="out")
+    assert_close(attn, weights[:, :, 0].reshape(2, 2, 3, 19).mean(2), 1e-5, 0, name="attn")
+    without, _ = decode_attention_reference(q, k, v, 0.25, valid)
+    assert (without - want_out[:, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_engine_fused_step_passes_softcap_and_sinks(feature):
+    """The engine's fused step (here through the reference, as on a CPU) computes what its torch single pass
+    computes for the same logit rule."""
+    from momentkv.core.group_attention import attend, group_mean, logit_rule
+    from momentkv.engine import attention as attention_module
+
+    q, k, v, valid = make_inputs(2, 8, 2, 23, 16, torch.float32, "random", device="cpu")
+    mask = valid.view(2, 1, 1, 23)
+    rule = logit_rule(FEATURE_SCALING, **feature_kwargs(feature, 8))
+    out, attention = attention_module._fused_step(q.unsqueeze(2), k, v, mask, rule)
+    want_out, probs = attend(q.unsqueeze(2), k, v, mask, rule)
+    assert_close(out, want_out, 1e-6, 1e-6, name="out")
+    assert_close(attention, group_mean(probs[:, :, :, -1]), 1e-7, 1e-6, name="attn")
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -134,11 +227,12 @@ def test_reference_fully_masked_row_gives_zeros():
         dict(valid=torch.ones(1, 5)),  # not bool
         dict(valid=torch.ones(1, 4, dtype=torch.bool)),  # one flag per cached token
         dict(key=torch.zeros(1, 2, 5, 8, dtype=torch.float64), value=torch.zeros(1, 2, 5, 8, dtype=torch.float64)),
+        dict(sinks=torch.zeros(2)),  # one sink per query head, not per KV head
     ],
 )
 def test_reference_rejects_bad_arguments(change):
     args = dict(query=torch.zeros(1, 4, 8), key=torch.zeros(1, 2, 5, 8), value=torch.zeros(1, 2, 5, 8),
-                scaling=1.0, valid=None)
+                scaling=1.0, valid=None, sinks=None)
     args.update(change)
     with pytest.raises(ValueError):
         decode_attention_reference(**args)
@@ -211,6 +305,13 @@ CASES = [
     (2, 8, 2, 257, 16, "prefix+random", 32, 5),
     (1, 2, 1, 123, 16, "none", 16, 2),
 ]
+# Soft-capping and sinks: several splits and tiles, a masked prefix that leaves whole splits without a valid
+# key; the strided inputs below add a fully masked batch row.
+FEATURE_CASES = [
+    (2, 8, 2, 123, 16, "prefix+random", 16, 3),
+    (1, 4, 4, 257, 64, "random", 32, 4),
+]
+FEATURE_DTYPES = [torch.float32, torch.bfloat16]
 GPU_CASES = [
     (1, 32, 8, 4133, 128, "prefix+random", None, None),  # launch heuristics, many splits
     (2, 32, 8, 20001, 128, "random", None, None),
@@ -242,9 +343,20 @@ def strided_inputs(dtype, device=DEVICE):
     return q, k, v, valid
 
 
-def run_kernel_cases(kernel, dtypes, cases) -> dict:
+def run_kernel_cases(kernel, dtypes, cases, feature_dtypes=(), feature_cases=()) -> dict:
     """Every kernel result the tests check, keyed by test id, on the CPU."""
     results = {}
+    for dtype in feature_dtypes:
+        for feature in FEATURES:
+            for case in feature_cases:
+                q, k, v, valid = case_inputs(case, dtype)
+                out, attn = kernel(q, k, v, FEATURE_SCALING, valid, block_n=case[6], num_splits=case[7],
+                                   **feature_kwargs(feature, case[1]))
+                results[f"{feature}-{case_id(case)}-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu()}
+            q, k, v, valid = strided_inputs(dtype)
+            out, attn = kernel(q, k, v, FEATURE_SCALING, valid, block_n=16, num_splits=2,
+                               **feature_kwargs(feature, q.shape[1]))
+            results[f"{feature}-strided-{dtype_id(dtype)}"] = {"out": out.cpu(), "attn": attn.cpu()}
     for dtype in dtypes:
         for case in cases:
             q, k, v, valid = case_inputs(case, dtype)
@@ -263,7 +375,7 @@ def kernel_results(tmp_path_factory):
     if CUDA:
         from momentkv.kernels.triton_decode import decode_attention_triton
 
-        return run_kernel_cases(decode_attention_triton, DTYPES, CASES + GPU_CASES)
+        return run_kernel_cases(decode_attention_triton, DTYPES, CASES + GPU_CASES, FEATURE_DTYPES, FEATURE_CASES)
     path = tmp_path_factory.mktemp("kernels") / "results.pt"
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, __file__, "--interpreter-worker", str(path)], env=env,
@@ -293,6 +405,35 @@ def test_kernel_fully_masked_row_and_strided_inputs(kernel_results, dtype):
     assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
 
 
+def without(kwargs: dict, name: str) -> dict:
+    return {k: v for k, v in kwargs.items() if k != name}
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", FEATURE_CASES + ["strided"], ids=lambda c: c if isinstance(c, str) else case_id(c))
+@pytest.mark.parametrize("feature", FEATURES)
+def test_kernel_softcap_and_sinks_match_reference(kernel_results, feature, case, dtype):
+    if case == "strided":
+        got = kernel_results[f"{feature}-strided-{dtype_id(dtype)}"]
+        q, k, v, valid = strided_inputs(dtype)
+    else:
+        got = kernel_results[f"{feature}-{case_id(case)}-{dtype_id(dtype)}"]
+        q, k, v, valid = case_inputs(case, dtype)
+    kwargs = feature_kwargs(feature, q.shape[1])
+    out, attn = decode_attention_reference(q, k, v, FEATURE_SCALING, valid, **kwargs)
+    assert got["out"].dtype == dtype and got["attn"].dtype == torch.float32
+    assert_close(got["out"], out, *OUT_TOL[dtype], name="out")
+    assert_close(got["attn"], attn, *ATTN_TOL[dtype], name="attn")
+    if case == "strided":  # a batch row with every key masked: zeros, sinks or not
+        assert (got["out"][1] == 0).all() and (got["attn"][1] == 0).all()
+    # A kernel that ignored the cap or the sinks would fail the comparison above: dropping either from the
+    # reference moves the results past the tolerances.
+    for name in kwargs:
+        _, attn_without = decode_attention_reference(q, k, v, FEATURE_SCALING, valid, **without(kwargs, name))
+        with pytest.raises(AssertionError):
+            assert_close(got["attn"], attn_without, *ATTN_TOL[dtype], name=f"attn without {name}")
+
+
 @pytest.mark.skipif(not CUDA, reason="dispatch to Triton needs CUDA tensors")
 def test_wrapper_dispatches_to_triton_on_cuda():
     from momentkv.kernels import triton_decode
@@ -316,4 +457,4 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-worker"]:
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker needs TRITON_INTERPRET=1 set before start"
     from momentkv.kernels.triton_decode import decode_attention_triton
 
-    torch.save(run_kernel_cases(decode_attention_triton, DTYPES, CASES), sys.argv[2])
+    torch.save(run_kernel_cases(decode_attention_triton, DTYPES, CASES, FEATURE_DTYPES, FEATURE_CASES), sys.argv[2])
