@@ -10,8 +10,9 @@ slots; a paged engine gathers the slots a block table names (and keeps the state
 :mod:`~momentkv.core.paged`). It imports neither transformers nor any cache class.
 
 Per decode step an engine calls, in this order: :meth:`evictions_needed` (how many slots each head frees for
-the incoming token), :meth:`lowest` or :meth:`survivors` (which), then, after attention, :meth:`fold` (this
-step's attention into the scorers' states).
+the incoming token; an engine that never lets a request exceed the budget by more than one token and refuses
+cadence and sliding windows may know the answer is one), :meth:`lowest` or :meth:`survivors` (which), then,
+after attention, :meth:`fold` (this step's attention into the scorers' states).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LayerEviction:
         self.window = QueryWindow(max(plan.prefill.window_size(), self.scoring.query_window))
 
     def evictions_needed(self, held: int, generated: int, incoming: int, active: bool,
-                         positions: torch.Tensor | None = None, seen: int = 0) -> int:
+                         positions: torch.Tensor | None = None, seen: int | None = None) -> int:
         """Slots each head must free before ``incoming`` tokens are written.
 
         Args:
@@ -44,7 +45,7 @@ class LayerEviction:
             generated: tokens generated before these.
             active: whether the budget is enforced (``False`` when the caller knows it will not be reached).
             positions: ``(batch, kv_heads, T)`` of the evictable slots, for a sliding layer (dead tokens go).
-            seen: the sequence index of the first incoming token.
+            seen: the sequence index of the first incoming token (required with ``positions``).
         """
         plan = self.plan
         budget = plan.budget_at(generated + incoming) if active else None
@@ -54,6 +55,8 @@ class LayerEviction:
         ):
             count = held + incoming - budget
         if plan.sliding_window is not None and held and positions is not None:
+            if seen is None:
+                raise ValueError("evictions_needed: positions of a sliding layer need seen, the incoming index")
             gone = ranking.dead(positions, seen, plan.sliding_window)
             count = max(count, int(gone.sum(-1).min()))
         return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from momentkv.policy.schema import Policy, RatioBudget
 from momentkv.prefill.base import KeepAll, PrefillCompressor
@@ -29,7 +30,7 @@ class LayerPlan:
     prefill: PrefillCompressor = KeepAll()
     sliding_window: int | None = None
 
-    @property
+    @cached_property
     def needs_step_attention(self) -> bool:
         """Whether each decode step must compute the attention of its query for this layer's scorers (the
         scorers that read attention and no window of queries; a windowed scorer recomputes its own)."""

@@ -9,6 +9,8 @@ chunked prefill exact (the window may span chunks) and costs nothing on the step
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from momentkv.core.group_attention import grouped_probs
@@ -21,7 +23,7 @@ class QueryWindow:
         self.size = size
         self.queries: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
-        self.kept: list[int] = []  # the same sequence indices on the host: counted without a device sync
+        self.kept: deque[int] = deque(maxlen=size)  # the same sequence indices on the host: no device sync
         self.scaling = 1.0
 
     def push(self, query: torch.Tensor, first_position: int, scaling: float) -> None:
@@ -36,8 +38,7 @@ class QueryWindow:
         # A copy, not a view: a view would keep the whole prompt's queries alive.
         self.queries = query[:, :, -self.size :].clone()
         self.positions = positions[-self.size :].clone()
-        self.kept = (self.kept + list(range(max(first_position, first_position + q - self.size),
-                                            first_position + q)))[-self.size :]
+        self.kept.extend(range(max(first_position, first_position + q - self.size), first_position + q))
         self.scaling = scaling
 
     def count_since(self, index: int) -> int:

@@ -58,9 +58,11 @@ def _fused_step(query, key, value, mask, logits):
 # Keys beyond the query with no momentkv layer attached: the model holds a cache that momentkv does not bound
 # (a forward given no cache creates a DynamicCache). generate() refuses such a cache; so does a manual loop.
 _FOREIGN_CACHE = (
-    "a patched model attended to {} cached tokens in a cache that is not momentkv's (a forward given no cache "
-    "creates a DynamicCache), which would grow without bound: give manual forward loops handle.new_cache() as "
-    "their cache (or use model.generate()); to run with a full cache, handle.remove() first"
+    "a patched model attended to {} cached tokens without momentkv's step record: the cache is not momentkv's "
+    "(a forward given no cache creates a DynamicCache, which would grow without bound: give manual forward loops "
+    "handle.new_cache() as their cache, or use model.generate(); to run with a full cache, handle.remove() first), "
+    "or this transformers version no longer hands the kwargs of cache.update to the attention function "
+    "(momentkv needs transformers >= 5.24)"
 )
 
 

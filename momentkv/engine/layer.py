@@ -56,6 +56,7 @@ class EvictingLayer(CacheLayerMixin):
         self.evicted = 0  # tokens evicted per (batch row, KV head)
         self.peak_slots = 0
         self.step: StepRecord | None = None  # what the last ``update`` decided
+        self._decode_step = StepRecord(self, context=False)  # reused every decode step (it holds no chunk)
         self._scores_pending = False  # a token was written and its step's attention not yet folded in
         self._view: tuple | None = None  # (slot version, fixed slots) and the ScoreContext made for them
 
@@ -97,8 +98,8 @@ class EvictingLayer(CacheLayerMixin):
                     "function reports to the cache) on transformers >= 5.24"
                 )
             self._receive_generated(key_states, value_states)
-            needs = self.active and q == 1 and self.plan.needs_step_attention
-            self.step = StepRecord(self, context=False, needs_attention=needs)
+            step = self.step = self._decode_step
+            step.needs_attention = self.active and q == 1 and self.plan.needs_step_attention
         if kwargs is not None:
             kwargs[STEP_KWARG] = self.step
         self.peak_slots = max(self.peak_slots, self.stored)
@@ -137,7 +138,7 @@ class EvictingLayer(CacheLayerMixin):
         if count == 1 and q == 1:  # steady state: the new token takes each head's lowest-ranked slot
             slot = self.eviction.lowest(self._score_view(), self.context.prompt_tokens)
             slots.write_evictable(slot, key_states, value_states, self.seen)
-            self.scoring.reset_slot(slot)
+            self.eviction.scoring.reset_slot(slot)
             self.evicted += 1
         else:
             if count:
@@ -188,9 +189,9 @@ class EvictingLayer(CacheLayerMixin):
                 attention: torch.Tensor | None = None) -> None:
         """Take this step: ``query`` ``(batch, heads, q, head_dim)``, ``key`` the layer's keys, and, when the
         attention function computed it, ``attention`` ``(batch, kv_heads, S)`` of the last query."""
-        step = self.step
-        if self.window.size and (step.context or self.scoring.query_window):
-            self.window.push(query, self.seen - query.shape[2], scaling)
+        step, window = self.step, self.eviction.window
+        if window.size and (step.context or self.eviction.scoring.query_window):
+            window.push(query, self.seen - query.shape[2], scaling)
         if step.context:
             if self.plan.scope == "all" and self.active and self.plan.needs_step_attention:
                 # A row that is padding from end to end has a last context query that sees nothing.
