@@ -2,8 +2,8 @@
 
 The engines run once for the folder (``tests/vllm/conftest.py``); each test reads its results:
 
-- the plugin loaded and no policy given: tokens and log-probabilities identical to plain vLLM's;
-- a budget the requests never reach (64, 40 new tokens): identical to plain vLLM's;
+- the plugin loaded and no policy given: tokens equal to plain vLLM's, log-probabilities within 1e-5;
+- a budget the requests never reach (64, 40 new tokens): the same;
 - budget 6 with 40 new tokens (34 evictions per layer and KV head) for ``recency.yaml``, ``moment.yaml`` and
   ``h2o.yaml``, three prompts of different lengths in one engine: every greedy token equal to momentkv's
   transformers path on the same model and policy (``tests/vllm/make_reference.py``, float32) and every
@@ -26,6 +26,11 @@ except md.PackageNotFoundError:
     pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
 
 TOLERANCE = 1e-4
+# Two engines with the same kernels and the same seq_lens need not agree bit for bit: each step batches what
+# the engine core has received by then (requests arrive one by one from the calling process), and a GEMM's
+# blocking, so its rounding, can follow the number of tokens in the step. Observed: 0.0 in one run of the
+# budget-never-reached engine against plain vLLM, 4.1e-6 in another, with every token equal.
+SAME_ENGINE = 1e-5
 
 
 def _worst(got: list, expected: list) -> float:
@@ -39,19 +44,21 @@ def _worst(got: list, expected: list) -> float:
     return worst
 
 
-def _identical(run: dict, plain: dict) -> None:
+def _identical(name: str, run: dict, plain: dict) -> None:
     assert "error" not in run, run
     for got, expected in zip(run["outputs"], plain["outputs"], strict=True):
         assert got["tokens"] == expected["tokens"]
-        assert _worst(got["logprobs"], expected["logprobs"]) == 0.0
+        worst = _worst(got["logprobs"], expected["logprobs"])
+        print(f"{name}: {len(got['tokens'])} tokens equal to plain vLLM's, largest |logprob difference| {worst:.1e}")
+        assert worst <= SAME_ENGINE
 
 
 def test_plugin_without_a_policy_changes_nothing(vllm_runs):
-    _identical(vllm_runs["no_policy"], vllm_runs["plain"])
+    _identical("no policy", vllm_runs["no_policy"], vllm_runs["plain"])
 
 
 def test_a_budget_never_reached_changes_nothing(vllm_runs):
-    _identical(vllm_runs["unreached"], vllm_runs["plain"])
+    _identical("budget 64 never reached", vllm_runs["unreached"], vllm_runs["plain"])
 
 
 @pytest.mark.parametrize("policy", ["recency", "moment", "h2o"])
