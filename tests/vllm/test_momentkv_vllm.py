@@ -4,7 +4,7 @@ The engines run once for the folder (``tests/vllm/conftest.py``); each test read
 
 - the plugin loaded and no policy given: tokens equal to plain vLLM's, log-probabilities within 1e-5;
 - a budget the requests never reach (64, 40 new tokens): the same;
-- budget 6 with 40 new tokens (34 evictions per layer and KV head) for ``recency.yaml``, ``moment.yaml`` and
+- budget 6 with 40 new tokens (33 evictions per layer and KV head) for ``recency.yaml``, ``moment.yaml`` and
   ``h2o.yaml``, three prompts of different lengths in one engine: every greedy token equal to momentkv's
   transformers path on the same model and policy (``tests/vllm/make_reference.py``, float32) and every
   log-probability vLLM returns within 1e-4 of it. The ``moment.yaml`` and ``h2o.yaml`` engines run two
