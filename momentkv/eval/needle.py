@@ -38,6 +38,7 @@ import torch
 import momentkv
 from momentkv.errors import PolicyError
 from momentkv.eval.configs import EvalConfig
+from momentkv.eval.jsonl import json_lines
 from momentkv.eval.memory import check_stored
 from momentkv.eval.stepping import left_pad, run_steps
 from momentkv.policy import load_policy
@@ -196,14 +197,8 @@ def load_instances(path) -> list[NeedleInstance]:
     except (OSError, UnicodeDecodeError) as err:
         raise NeedleFileError(f"{source}: cannot read it ({err})") from None
     out, seen = [], {}
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, data in json_lines(text, str(source), NeedleFileError):
         where = f"{source}:{line_no}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NeedleFileError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
         instance = _instance(data, where, line_no)
         if instance.id in seen:
             raise NeedleFileError(f"{where}: id {instance.id!r} already used on line {seen[instance.id]}")

@@ -9,12 +9,12 @@ The default set ships as package data (``prompts.jsonl`` beside this module).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from momentkv.errors import PolicyError
+from momentkv.eval.jsonl import json_lines
 
 KINDS = ("free", "grounded")
 SPLITS = ("tune", "heldout")
@@ -62,13 +62,7 @@ def load_prompts(path=None, split: str | None = None, kind: str | None = None) -
     if path is not None and not Path(path).is_file():
         raise PromptFileError(f"{origin}: no such prompt file")
     records, seen = [], set()
-    for line_no, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{origin}:{line_no}: not valid JSON ({err.msg})") from None
+    for line_no, data in json_lines(source.read_text(encoding="utf-8"), origin, PromptFileError):
         record = _record(data, origin, line_no)
         if record.id in seen:
             raise PromptFileError(f"{origin}:{line_no}: duplicate prompt id {record.id!r}")
