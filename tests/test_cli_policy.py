@@ -66,7 +66,7 @@ def test_version_is_the_package_version(capsys):
     assert momentkv.__version__ == version("momentkv")
 
 
-DOCUMENTED_COMMANDS = ("validate", "policies", "show", "bench", "eval", "demo")
+DOCUMENTED_COMMANDS = ("validate", "policies", "show", "bench", "eval", "demo", "report", "tune", "needle")
 
 
 def test_every_option_of_these_commands_is_documented():

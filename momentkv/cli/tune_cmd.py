@@ -46,11 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", default=None, help="JSONL prompt file with tune and heldout splits (default: built-in)")
     p.add_argument("--reference", choices=["greedy", "sample"], default="sample",
                    help="how the full cache chooses the reference tokens (default: sample)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled reference (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass of the sampled reference (default 0.95)")
+    p.add_argument("--model", default="smollm2", help="model name or path (default: smollm2, offline)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per batch (also the pruning granularity)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the reference and the bootstrap")
     p.add_argument("--name", default="tuned", help="name of the winning policy")
     p.add_argument("--out", required=True,
