@@ -17,13 +17,13 @@ from momentkv.core.group_attention import grouped_probs
 
 
 class QueryWindow:
-    """Up to ``size`` recent queries ``(batch, heads, w, head_dim)`` and their sequence indices ``(w,)``."""
+    """Up to ``size`` recent queries ``(batch, heads, w, head_dim)`` and their sequence indices (``w`` ints, kept
+    on the host: counting them needs no device sync, and a push costs no device operation)."""
 
     def __init__(self, size: int):
         self.size = size
         self.queries: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.kept: deque[int] = deque(maxlen=size)  # the same sequence indices on the host: no device sync
+        self.positions: deque[int] = deque(maxlen=size)
         self.scaling = 1.0
 
     def push(self, query: torch.Tensor, first_position: int, scaling: float) -> None:
@@ -31,19 +31,16 @@ class QueryWindow:
         if self.size == 0:
             return
         q = query.shape[2]
-        positions = torch.arange(first_position, first_position + q, device=query.device)
         if self.queries is not None and q < self.size:
             query = torch.cat([self.queries, query], dim=2)
-            positions = torch.cat([self.positions, positions])
         # A copy, not a view: a view would keep the whole prompt's queries alive.
         self.queries = query[:, :, -self.size :].clone()
-        self.positions = positions[-self.size :].clone()
-        self.kept.extend(range(max(first_position, first_position + q - self.size), first_position + q))
+        self.positions.extend(range(max(first_position, first_position + q - self.size), first_position + q))
         self.scaling = scaling
 
     def count_since(self, index: int) -> int:
         """How many kept queries sit at sequence index ``index`` or later."""
-        return sum(position >= index for position in self.kept)
+        return sum(position >= index for position in self.positions)
 
     def select_rows(self, pick) -> None:
         if self.queries is not None:
@@ -67,8 +64,9 @@ class QueryWindow:
         if self.queries is None:
             b, kv, s = positions.shape  # no query yet: an empty window
             return keys.new_zeros((b, kv, 1, 0, s), dtype=torch.float32)
-        queries, q_pos = self.queries[:, :, -last:], self.positions[-last:]
+        queries = self.queries[:, :, -last:]
         w = queries.shape[2]
+        q_pos = torch.tensor(list(self.positions)[-w:], device=keys.device)  # (w,)
         groups = queries.shape[1] // keys.shape[1]
         k_pos = positions.unsqueeze(2)  # (b, kv, 1, S)
         allowed = k_pos <= q_pos.view(1, 1, w, 1)  # (b, kv, w, S)
