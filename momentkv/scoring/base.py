@@ -44,7 +44,9 @@ class ScoreContext:
             A new token's entries start at 0.
         positions: ``(batch, kv_heads, tokens)`` int64, each token's sequence index (0 for the first prompt
             token; padding counts, as in the model's own cache).
-        now: the sequence index of the newest token (the one written at this step).
+        now: the sequence index of the newest token (the one written at this step): an int, or, where an
+            engine batches sequences of different lengths (the vLLM backend), a ``(batch, 1, 1)`` int64
+            tensor, one index per row, for the scorers that declare ``batched_now``.
         age: ``(batch, kv_heads, tokens)`` float32, ``now - positions``: 0 for the newest token. Computed on
             first use.
         valid: ``(batch, kv_heads, tokens)`` bool, False at padding; ``None`` when there is no padding.
@@ -117,6 +119,13 @@ class Scorer(BaseModel):
     needs_attention: ClassVar[bool] = True
     #: Float32 values per token in ``ScoreContext.state``.
     state_channels: ClassVar[int] = 1
+    #: Whether ``update`` also accepts ``ScoreContext.now`` as a ``(batch, 1, 1)`` tensor (it only uses ``now``
+    #: in arithmetic with ``positions``, or reads ``age``). An engine batching sequences of different lengths
+    #: gives a scorer that leaves this False one sequence at a time, with an int ``now``.
+    batched_now: ClassVar[bool] = False
+    #: Whether ``update`` reads ``ScoreContext.keys`` or ``ScoreContext.values``. An engine that must gather
+    #: them from a paged cache (the vLLM backend) skips that where no scorer reads them.
+    reads_cache: ClassVar[bool] = True
 
     def query_window(self) -> int:
         """How many of the last queries ``ctx.window_attention`` must be able to give (0: none)."""

@@ -19,6 +19,7 @@ class KeyDiff(Scorer):
     """``-cos(k, mean of the normalised keys)``: the more distinctive a key, the higher its score."""
 
     needs_attention = False
+    batched_now = True
 
     def every_step(self) -> bool:
         return False

@@ -41,6 +41,8 @@ class LastHit(Scorer):
     )
 
     state_channels = 2
+    batched_now = True
+    reads_cache = False
 
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         attention = ctx.attention  # (b, kv, T)
@@ -52,10 +54,14 @@ class LastHit(Scorer):
         last_hit, longest_gap = ctx.state[0], ctx.state[1]
         # A new token's state is 0: its arrival is its first hit.
         torch.maximum(last_hit, ctx.positions.to(torch.float32), out=last_hit)
-        now = float(ctx.now)
+        batched = isinstance(ctx.now, torch.Tensor)  # (b, 1, 1): one index per row
+        now = ctx.now.to(torch.float32) if batched else float(ctx.now)
         gap = now - last_hit
         longest_gap.copy_(torch.where(hit, torch.maximum(longest_gap, gap), longest_gap))
-        last_hit.masked_fill_(hit, now)
+        if batched:
+            last_hit.copy_(torch.where(hit, now, last_hit))
+        else:
+            last_hit.masked_fill_(hit, now)
         since = now - last_hit  # (b, kv, T): 0 for a token hit at this step
         if not self.recurrence:
             return -since

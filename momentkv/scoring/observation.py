@@ -48,6 +48,9 @@ class AttentionObservation(Scorer):
     """Base class of the attention scorers: the observation options shared by ``ema``, ``accumulated``,
     ``instantaneous`` and ``peak`` (see the module docstring)."""
 
+    batched_now = True
+    reads_cache = False
+
     window: int = Field(
         0, ge=0, le=4096,
         description="0: the current query's attention, every step. w > 0: the attention of the last w queries, "

@@ -52,6 +52,7 @@ class Redundancy(Scorer):
     )
 
     needs_attention = False
+    batched_now = True
 
     def every_step(self) -> bool:
         return False

@@ -18,6 +18,8 @@ class Recency(Scorer):
     """``-age``: the newest token scores highest."""
 
     needs_attention = False
+    batched_now = True
+    reads_cache = False
 
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         return -ctx.age
@@ -28,6 +30,7 @@ class KeyNorm(Scorer):
     """``-||k||``: keys of small norm draw attention and are kept."""
 
     needs_attention = False
+    batched_now = True
 
     def update(self, ctx: ScoreContext) -> torch.Tensor:
         return -torch.linalg.vector_norm(ctx.keys.float(), dim=-1)
