@@ -13,6 +13,12 @@ Per decode step an engine calls, in this order: :meth:`evictions_needed` (how ma
 the incoming token; an engine that never lets a request exceed the budget by more than one token and refuses
 cadence and sliding windows may know the answer is one), :meth:`lowest` or :meth:`survivors` (which), then,
 after attention, :meth:`fold` (this step's attention into the scorers' states).
+
+In the steady state of a plan whose every-step scoring is one closed computation (a full budget of fixed
+shape; :mod:`~momentkv.core.fused_scoring`), :meth:`fold` runs it as one function of tensors, compiled on the
+CPU (:mod:`~momentkv.core.compiled`), which also names the slot each head gives to the next token: the next
+:meth:`lowest` returns it without ranking again. Results are those of the general path (bit for bit when run
+eagerly).
 """
 
 from __future__ import annotations
@@ -20,10 +26,22 @@ from __future__ import annotations
 import torch
 
 from momentkv.core import ranking
+from momentkv.core.compiled import CompiledStep, enabled as compile_enabled
+from momentkv.core.fused_scoring import FusedSpec, FusedStep, fused_spec
 from momentkv.core.plan import LayerPlan
 from momentkv.core.query_window import QueryWindow
 from momentkv.core.scorer_states import LayerScoring
 from momentkv.scoring.base import ScoreContext
+
+_FUSED: dict[FusedSpec, tuple[FusedStep, CompiledStep]] = {}  # layers with equal specs share one compiled step
+
+
+def _fused_for(spec: FusedSpec) -> tuple[FusedStep, CompiledStep]:
+    pair = _FUSED.get(spec)
+    if pair is None:
+        step = FusedStep(spec)
+        pair = _FUSED[spec] = (step, CompiledStep(step, "fused_scoring"))
+    return pair
 
 
 class LayerEviction:
@@ -35,6 +53,10 @@ class LayerEviction:
                                          plan.granularity == "layer")
         self.scoring = LayerScoring(plan.scorers if plan.budget is not None else ())
         self.window = QueryWindow(max(plan.prefill.window_size(), self.scoring.query_window))
+        self.spec = None if self.scoring.debug else fused_spec(plan)
+        self.fused = None if self.spec is None else _fused_for(self.spec)
+        self._next: tuple | None = None  # (view, victim): what the last fused fold named for the next token
+        self._prompt: tuple[int, torch.Tensor] | None = None  # the prompt length, as an int and a 0-d tensor
 
     def evictions_needed(self, held: int, generated: int, incoming: int, active: bool,
                          positions: torch.Tensor | None = None, seen: int | None = None) -> int:
@@ -69,6 +91,11 @@ class LayerEviction:
 
     def lowest(self, view: ScoreContext, prompt_tokens: int) -> torch.Tensor:
         """``(batch, kv_heads, 1)``: the slot each head gives to one incoming token."""
+        named, self._next = self._next, None
+        if named is not None and named[0] is view:
+            # The fold of the step before ranked these very slots: the view is the same object only while no
+            # slot tensor was replaced, and a layer asks for the lowest slot right after the step it folded.
+            return named[1]
         return ranking.lowest(self.ranked(view, prompt_tokens, 1))
 
     def survivors(self, view: ScoreContext, prompt_tokens: int, incoming: int, count: int):
@@ -76,7 +103,28 @@ class LayerEviction:
         head loses its ``count`` lowest-ranked ones (fewer where protections leave fewer)."""
         return ranking.survivors(self.ranked(view, prompt_tokens, incoming), count)
 
-    def fold(self, attention: torch.Tensor | None, view: ScoreContext) -> None:
+    def fold(self, attention: torch.Tensor | None, view: ScoreContext, prompt_tokens: int | None = None) -> None:
         """Fold one decode step into the scorers: ``attention`` ``(batch, kv_heads, T)`` over the evictable slots
-        (``None`` where no scorer reads it)."""
-        self.scoring.step(attention, view)
+        (``None`` where no scorer reads it). Given ``prompt_tokens`` and a full budget, a fused plan folds and
+        ranks in one computation (see the module docstring)."""
+        self._next = None
+        spec, scoring = self.spec, self.scoring
+        if (spec is None or prompt_tokens is None or not scoring.started or view.positions.shape[-1] != spec.budget
+                or (attention is None and spec.needs_attention)):
+            scoring.step(attention, view)
+            return
+        step, compiled = self.fused
+        states = [scoring.states[i] for i in spec.stateful]
+        device = view.positions.device
+        if torch.compiler.is_compiling() or not compile_enabled(device):
+            total, victim = step(states, attention, view.positions, view.now, prompt_tokens)
+        else:  # the step and the prompt as tensors: a new step is new data, not a new constant to compile for
+            now = torch.tensor(view.now, device=device)
+            total, victim = compiled(states, attention, view.positions, now, self._prompt_tensor(prompt_tokens, device))
+        scoring.attention, scoring.step_total = attention, total
+        self._next = (view, victim)
+
+    def _prompt_tensor(self, prompt_tokens: int, device) -> torch.Tensor:
+        if self._prompt is None or self._prompt[0] != prompt_tokens:
+            self._prompt = (prompt_tokens, torch.tensor(prompt_tokens, device=device))
+        return self._prompt[1]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 from momentkv.policy.schema import Policy, RatioBudget
 from momentkv.prefill.base import KeepAll, PrefillCompressor
@@ -29,12 +28,14 @@ class LayerPlan:
     scorers: tuple[Scorer, ...] = ()
     prefill: PrefillCompressor = KeepAll()
     sliding_window: int | None = None
+    #: Whether each decode step must compute the attention of its query for this layer's scorers (the scorers
+    #: that read attention and no window of queries; a windowed scorer recomputes its own). Computed at
+    #: construction: a lazily cached property takes a lock on first use, which a compiled step cannot trace.
+    needs_step_attention: bool = field(init=False, repr=False)
 
-    @cached_property
-    def needs_step_attention(self) -> bool:
-        """Whether each decode step must compute the attention of its query for this layer's scorers (the
-        scorers that read attention and no window of queries; a windowed scorer recomputes its own)."""
-        return self.budget is not None and any(s.needs_attention and s.query_window() == 0 for s in self.scorers)
+    def __post_init__(self) -> None:
+        needs = self.budget is not None and any(s.needs_attention and s.query_window() == 0 for s in self.scorers)
+        object.__setattr__(self, "needs_step_attention", needs)
 
     def budget_at(self, generated: int) -> int | None:
         """The budget in tokens once ``generated`` tokens have been generated (``None``: unbounded)."""

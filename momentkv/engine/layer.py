@@ -208,7 +208,8 @@ class EvictingLayer(CacheLayerMixin):
         """
         self._scores_pending = False
         f = self.slots.fixed
-        self.eviction.fold(attention[..., f:] if attention is not None and f else attention, self._score_view())
+        self.eviction.fold(attention[..., f:] if attention is not None and f else attention, self._score_view(),
+                           self.context.prompt_tokens)
 
     # ----------------------------------------------------------------- transformers' cache-layer interface
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
