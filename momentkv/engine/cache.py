@@ -19,6 +19,9 @@ class EvictingCache(Cache):
     def __init__(self, plans: list[LayerPlan], policy_name: str = "custom", prompt_length: int | None = None):
         super().__init__(layers=[EvictingLayer(plan) for plan in plans])
         self.policy_name = policy_name
+        # True only for a patched generate given a compile_config: transformers then compiles its decode steps,
+        # which momentkv routes to eager until every layer has a fixed shape (momentkv.engine.compiled_decode).
+        self.compile_decode = False
         if prompt_length is not None:
             self.expect(prompt_length)
 
@@ -31,6 +34,16 @@ class EvictingCache(Cache):
         """
         for layer in self.layers:
             layer.expect(context_length, max_new_tokens)
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether transformers may compile ``generate``'s decode steps with this cache (see ``compile_decode``)."""
+        return self.compile_decode
+
+    def fixed_shape(self) -> bool:
+        """Whether the next single-token step keeps every layer's shapes (each budget full, see
+        :meth:`EvictingLayer.fixed_shape`): the steps a compiled forward takes."""
+        return all(layer.fixed_shape() for layer in self.layers)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].stored if layer_idx < len(self.layers) else 0

@@ -20,15 +20,17 @@ ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mt
 
 
 def _compiled_part(model) -> str | None:
-    """How ``model`` was ``torch.compile``d (a wrapper, ``.compile()``, a compiled ``forward``), or ``None``."""
+    """How ``model`` was compiled in a way momentkv cannot route (a ``torch.compile`` wrapper, a module's
+    ``.compile()``), or ``None``. A compiled ``forward`` attribute is not listed: a patched ``generate`` routes
+    it (:mod:`~momentkv.engine.compiled_decode`)."""
     if getattr(model, "_orig_mod", None) is not None:
         return f"a torch.compile wrapper ({type(model).__name__})"
     modules = model.modules() if isinstance(model, torch.nn.Module) else [model]
     for module in modules:
         if getattr(module, "_compiled_call_impl", None) is not None:
             return f"a module compiled in place ({type(module).__name__}.compile())"
-        if hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"):
-            return f"a compiled forward ({type(module).__name__}.forward = torch.compile(...))"
+        if module is not model and hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+            return f"a submodule's compiled forward ({type(module).__name__}.forward = torch.compile(...))"
     return None
 
 
@@ -36,9 +38,11 @@ def check_not_compiled(model) -> None:
     compiled = _compiled_part(model)
     if compiled is not None:
         raise PolicyError(
-            f"the model is {compiled}: momentkv's cache changes shape every step, which a compiled graph cannot "
-            "follow, and a wrapper would leave the model underneath unpatched; momentkv supports eager models: "
-            "patch the uncompiled model (for a wrapper, momentkv.patch(compiled._orig_mod))"
+            f"the model is {compiled}: it would compile every step of the growing cache, and a wrapper would "
+            "leave the model underneath unpatched; patch the uncompiled model (for a wrapper, "
+            "momentkv.patch(compiled._orig_mod)) and compile its forward, model.forward = "
+            "torch.compile(model.forward), or pass generate(..., compile_config=...): momentkv then runs the "
+            "prompt and the growing cache eagerly and the steps after every budget is full compiled"
         )
 
 

@@ -116,6 +116,13 @@ class EvictingLayer(CacheLayerMixin):
         reached = held > self.plan.budget_at(self.generated + max_new_tokens)
         self.active = reached or (self.active and self.generated > 0)  # scoring, once begun, never stops
 
+    def fixed_shape(self) -> bool:
+        """Whether the next single-token step keeps every tensor's shape: the budget (a fixed integer, ranked
+        every step, no sliding window) is full and enforced, so the new token takes an evicted slot."""
+        plan = self.plan
+        return (self.active and self.generated > 0 and isinstance(plan.budget, int) and plan.cadence == 1
+                and plan.sliding_window is None and self.slots.evictable_count == plan.budget)
+
     def _finish_context(self) -> None:
         """The context is complete: compress it, then score from the next decode step on."""
         self.context.finish()

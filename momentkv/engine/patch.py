@@ -16,8 +16,10 @@ import weakref
 
 from momentkv.engine.attention import register_attention
 from momentkv.engine.cache import EvictingCache
+from momentkv.engine import compiled_decode
 from momentkv.engine.checks import (
-    SUPPORTED_ATTENTION, check_dtype, check_generate_kwargs, check_model, max_new_tokens, prompt_length,
+    SUPPORTED_ATTENTION, check_dtype, check_generate_kwargs, check_model, check_not_compiled, max_new_tokens,
+    prompt_length,
 )
 from momentkv.engine.parallel import check_tensor_parallel
 from momentkv.core.plan import build_plans
@@ -53,6 +55,7 @@ class PatchedGenerate:
         handle = self._handle
         model = handle.model
         check_generate_kwargs(model, kwargs, args)
+        self.check_compiled(handle, kwargs)
         handle.follow_attention_switch()
         check_dtype(model)
         length = prompt_length(args, kwargs)
@@ -63,7 +66,27 @@ class PatchedGenerate:
             # Everything given is context (the prompt, or a conversation so far); then at most this many
             # generated tokens, which tells each layer whether its budget can be reached in this call.
             cache.expect(length, max_new_tokens(model, kwargs, length))
-        return self._original(*args, **kwargs)
+        compiled, config = compiled_decode.compiled_forward(model), compiled_decode.compile_config(model, kwargs)
+        if compiled is None and config is None:
+            return self._original(*args, **kwargs)
+        if isinstance(cache, EvictingCache) and config is not None:
+            cache.compile_decode = True
+        with _routed(model, compiled, config):
+            return self._original(*args, **kwargs)
+
+    @staticmethod
+    def check_compiled(handle: "Handle", kwargs: dict) -> None:
+        """Refuse a compiled step this policy cannot give fixed shapes, before any work."""
+        model = handle.model
+        check_not_compiled(model)
+        compiled, config = compiled_decode.compiled_forward(model), compiled_decode.compile_config(model, kwargs)
+        if compiled is None and config is None:
+            return
+        compiled_decode.check_compilable(handle.plans, handle.policy.name)
+        options = compiled_decode.compile_options(compiled) if compiled is not None else {}
+        if config is not None:
+            options.setdefault("dynamic", getattr(config, "dynamic", None))
+        compiled_decode.check_compile_options(options)
 
     def __deepcopy__(self, memo):
         handle = self._handle
@@ -79,6 +102,24 @@ class PatchedGenerate:
             "a patched model cannot be pickled (its generate is momentkv's); call handle.remove() or "
             "momentkv.unpatch(model) first, and patch again after loading"
         )
+
+
+@contextlib.contextmanager
+def _routed(model, compiled, config):
+    """For one ``generate`` call, route the forward calls of a compiled ``forward`` (and transformers' compiled
+    call of a ``compile_config``) to eager until the cache's shapes are fixed (see ``compiled_decode``)."""
+    own = model.__dict__.get("forward")
+    if compiled is not None:
+        model.forward = compiled_decode.RoutedForward(compiled, compiled._torchdynamo_orig_callable)
+    if config is not None:
+        original = type(model).get_compiled_call.__get__(model)
+        model.get_compiled_call = lambda cfg: compiled_decode.RoutedForward(original(cfg), model.__call__)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("get_compiled_call", None)
+        if compiled is not None:
+            model.forward = own
 
 
 class Handle:
