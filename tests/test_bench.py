@@ -82,6 +82,34 @@ def test_bench_with_the_full_cache_and_the_unpatched_model(model_dir, tmp_path):
     assert all(math.isnan(float(r["ops_per_step"])) for r in table)
 
 
+def test_bench_compiled_rows_report_their_compilation_apart(model_dir, tmp_path, monkeypatch):
+    import torch._dynamo
+
+    from momentkv.bench import compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")  # dynamo's graph capture alone: fast, the same graphs
+    torch._dynamo.reset()
+    code, table, text = bench(model_dir, tmp_path, "--budget", "4", "--lengths", "12", "--policies", "moment.yaml",
+                              "--compiled", "moment.yaml", "--no-op-counts")
+    torch._dynamo.reset()
+    assert code == 0
+    rows = {r["policy"]: r for r in table}
+    assert list(rows) == ["moment", "moment+compiled"]
+    row = rows["moment+compiled"]
+    assert float(row["compile_s"]) > 0 and float(row["compile_wall_s"]) >= float(row["compile_s"])
+    assert float(row["graphs"]) == 2  # the warm-up compiled the steady step; the timed run compiled nothing
+    assert float(row["kv_bytes"]) == float(rows["moment"]["kv_bytes"])
+    assert math.isnan(float(row["attention_share"]))  # not instrumented: wrappers would enter the graph
+    assert math.isnan(float(rows["moment"]["compile_s"]))
+    assert "moment+compiled: " in text and "2 graphs compiled" in text
+
+
+def test_bench_refuses_a_compiled_policy_without_fixed_shapes(model_dir, tmp_path, capsys):
+    code, _, _ = bench(model_dir, tmp_path, "--policies", "recency.yaml", "--compiled", "full.yaml")
+    assert code == 2
+    assert "a compiled decode step needs every layer to reach a fixed shape" in capsys.readouterr().err
+
+
 def test_bench_refuses_two_policies_with_one_name(capsys, tmp_path):
     assert main(["bench", "--policies", "moment.yaml", "moment", "--out", str(tmp_path)]) == 2
     assert "'moment' would be ambiguous" in capsys.readouterr().err

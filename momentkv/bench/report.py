@@ -18,7 +18,8 @@ NAN = math.nan
 COLUMNS = ["policy", "new_tokens", "repeats", "reference", "tokens_per_s", "speed_vs_reference", "kv_bytes",
            "kv_vs_reference", "state_bytes", "peak_rss_growth", "attention_share", "momentkv_share", "update_share",
            "observe_share", "layers", "ops_per_step", "unpatched_ops_per_step", "ops_added_per_layer",
-           "update_ops_per_layer", "attention_ops_per_layer", "observe_ops_per_layer", "model_ops_per_layer"]
+           "update_ops_per_layer", "attention_ops_per_layer", "observe_ops_per_layer", "model_ops_per_layer",
+           "compile_s", "compile_wall_s", "graphs"]
 
 
 def pick_reference(names: list[str]) -> str:
@@ -82,6 +83,10 @@ def rows(summaries: list[Summary], reference: str) -> list[dict]:
         row["speed_vs_reference"] = _ratio(row["tokens_per_s"], ref and ref.median("tokens_per_s"))
         row["kv_vs_reference"] = _ratio(row["kv_bytes"], ref and ref.median("kv_bytes"))
         row.update(_op_columns(s, by_key.get((UNPATCHED, s.new_tokens))))
+        report = s.compile
+        row["compile_s"] = NAN if report is None else report.seconds
+        row["compile_wall_s"] = NAN if report is None else report.wall
+        row["graphs"] = NAN if report is None else report.graphs
         out.append(row)
     return out
 
@@ -113,6 +118,14 @@ def markdown_table(table: list[dict]) -> str:
             f"{split} |"
         )
     lines += ["", _legend(table, ref)]
+    compiled = {r["policy"]: r for r in table if not math.isnan(r["compile_s"])}
+    if compiled:
+        lines += ["", "Compiled entries (`+compiled`): the prompt and the growing cache run eagerly, the steps after the "
+                  "budget is full compiled; their compilation, in one untimed warm-up before the timed runs, is not in "
+                  "tokens/s: " + "; ".join(
+                      f"{name}: {r['compile_s']:.1f} s in dynamo and inductor ({r['compile_wall_s']:.1f} s warm-up "
+                      f"generation), {r['graphs']:.0f} graphs compiled in the process" for name, r in compiled.items())
+                  + ". Their time split and operations are not measured (the steps run inside compiled code)."]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 import momentkv
+from momentkv.bench import compiled
 from momentkv.bench.op_count import counting
 from momentkv.bench.timing import instrument
 
@@ -80,6 +81,7 @@ class Summary:
     runs: list[RunResult] = field(default_factory=list)
     ops: dict[str, float] | None = None
     layers: int = 0
+    compile: compiled.CompileReport | None = None  # a compiled entry's warm-up (compilation), apart from the runs
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
@@ -98,6 +100,8 @@ def policy_name(policy) -> str:
     """Display name of ``"unpatched"``, a Policy, a dict or a built-in name."""
     if policy == UNPATCHED:
         return UNPATCHED
+    if isinstance(policy, compiled.Compiled):
+        return policy.name
     if isinstance(policy, dict):
         return policy.get("name", "custom")
     if isinstance(policy, str):
@@ -113,10 +117,15 @@ def _prepared(model, policy):
     if policy == UNPATCHED:
         yield UNPATCHED, DynamicCache(config=model.config)
         return
-    handle = momentkv.patch(model, policy)
+    entry = policy if isinstance(policy, compiled.Compiled) else None
+    handle = momentkv.patch(model, policy if entry is None else entry.policy)
+    if entry is not None:
+        model.forward = compiled.compiled_forward(model)
     try:
         yield policy_name(policy), handle.new_cache()
     finally:
+        if entry is not None:
+            del model.forward
         handle.remove()
 
 
@@ -127,16 +136,18 @@ def _generate(model, inputs: dict, cache, new_tokens: int) -> None:
 @torch.no_grad()
 def run_once(model, inputs: dict, policy, new_tokens: int) -> RunResult:
     """Generate exactly ``new_tokens`` greedily under ``policy`` (or ``"unpatched"``) and measure it."""
+    timed = not isinstance(policy, compiled.Compiled)  # wrapped methods would be traced into the compiled graph
     with _prepared(model, policy) as (name, cache):
-        times = instrument(cache)
+        times = instrument(cache) if timed else None
         with PeakMemory() as memory:
             start = time.perf_counter()
             _generate(model, inputs, cache, new_tokens)
             seconds = time.perf_counter() - start
         kv_bytes, state_bytes = _cache_bytes(cache)
-    result = RunResult(name, new_tokens, seconds, kv_bytes, state_bytes, memory.peak - memory.start,
-                       update_s=times.update)
-    if name != UNPATCHED:  # transformers' cache has no observe: its attention span cannot be told apart
+    result = RunResult(name, new_tokens, seconds, kv_bytes, state_bytes, memory.peak - memory.start)
+    if times is not None:
+        result.update_s = times.update
+    if times is not None and name != UNPATCHED:  # transformers' cache has no observe: its attention span cannot be told apart
         result.attention_s, result.observe_s = times.attention, times.observe
     return result
 
@@ -155,6 +166,13 @@ def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, 
     """Every (policy, length) ``repeats`` times, alternating policies inside each repeat; then, with
     ``count_ops``, one counting run of each and of the unpatched model per length."""
     summaries = {(policy_name(p), n): Summary(policy_name(p), n) for p in policies for n in lengths}
+    for policy in policies:  # compile before any timed run: the compiled graphs serve every length
+        if isinstance(policy, compiled.Compiled):
+            report = compiled.warm_up(policy, lambda n, p=policy: _untimed(model, inputs, p, n))
+            for n in lengths:
+                summaries[(policy.name, n)].compile = report
+            if progress is not None:
+                progress.update(1)
     for repeat in range(repeats):
         for n in lengths:
             order = policies if repeat % 2 == 0 else list(reversed(policies))
@@ -163,8 +181,9 @@ def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, 
                 summaries[(result.policy, n)].runs.append(result)
                 if progress is not None:
                     progress.update(1)
-    if count_ops:
-        counted = policies if UNPATCHED in policies else [UNPATCHED, *policies]
+    if count_ops:  # a compiled entry is not counted: its operations run inside compiled kernels
+        counted = [p for p in policies if not isinstance(p, compiled.Compiled)]
+        counted = counted if UNPATCHED in counted else [UNPATCHED, *counted]
         for n in lengths:
             for policy in counted:
                 name, ops, layers = count_once(model, inputs, policy, n)
@@ -175,6 +194,13 @@ def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, 
     return list(summaries.values())
 
 
+@torch.no_grad()
+def _untimed(model, inputs: dict, policy, new_tokens: int) -> None:
+    with _prepared(model, policy) as (_, cache):
+        _generate(model, inputs, cache, new_tokens)
+
+
 def counting_runs(policies: list, lengths: list[int]) -> int:
-    """How many counting runs :func:`run_matrix` makes (for a progress bar)."""
-    return len(lengths) * (len(policies) + (UNPATCHED not in policies))
+    """How many counting runs :func:`run_matrix` makes (for a progress bar; plus one warm-up per compiled entry)."""
+    plain = [p for p in policies if not isinstance(p, compiled.Compiled)]
+    return len(lengths) * (len(plain) + (UNPATCHED not in plain))

@@ -29,6 +29,10 @@ def register(subparsers) -> None:
                    help="built-in names or policy files to compare; the ratios are against full.yaml if listed, "
                    "else the unpatched model if run, else the first policy, and say which (attention-heavy: the "
                    "last one is measured)")
+    p.add_argument("--compiled", nargs="+", default=[], metavar="POLICY",
+                   help="also run these policies with model.forward = torch.compile(model.forward) (rows named "
+                   "POLICY+compiled): the steps after the budget is full run compiled; compiled once, in an untimed "
+                   "warm-up whose compile time is reported apart")
     p.add_argument("--budget", type=int, default=None, help="override every policy's decode budget")
     p.add_argument("--repeats", type=int, default=3, help="runs per policy and length (the median is reported)")
     p.add_argument("--unpatched", action="store_true", help="also time the model without momentkv")
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     except PolicyError as err:
         print(f"momentkv bench: {err}", file=sys.stderr)
         return 2
+    try:
+        compiled_policies = [_policy_with_budget(p, args.budget) for p in args.compiled]
+    except PolicyError as err:
+        print(f"momentkv bench: {err}", file=sys.stderr)
+        return 2
     names = [p.name for p in policies]
     repeated = sorted({n for n in names if names.count(n) > 1} | ({"unpatched"} & set(names)))
     if repeated:
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return _attention_heavy(args)
 
     from momentkv.bench import report
+    from momentkv.bench.compiled import Compiled
     from momentkv.bench.runner import UNPATCHED, counting_runs, run_matrix
     from momentkv.models import load
 
@@ -99,12 +109,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"momentkv bench: {err}", file=sys.stderr)
         return 2
     inputs = tokenizer([args.prompt], return_tensors="pt")
-    entries = ([UNPATCHED] if args.unpatched else []) + policies
-    total = len(entries) * len(args.lengths) * args.repeats
+    entries = ([UNPATCHED] if args.unpatched else []) + policies + [Compiled(p) for p in compiled_policies]
+    total = len(entries) * len(args.lengths) * args.repeats + len(compiled_policies)
     total += counting_runs(entries, args.lengths) if args.op_counts else 0
-    with tqdm(total=total, desc="bench runs", unit="run") as bar:
-        summaries = run_matrix(model, inputs, entries, args.lengths, args.repeats, progress=bar,
-                               count_ops=args.op_counts)
+    try:
+        with tqdm(total=total, desc="bench runs", unit="run") as bar:
+            summaries = run_matrix(model, inputs, entries, args.lengths, args.repeats, progress=bar,
+                                   count_ops=args.op_counts)
+    except PolicyError as err:  # a --compiled policy without fixed shapes, refused by its first generate
+        print(f"momentkv bench: {err}", file=sys.stderr)
+        return 2
     reference = report.pick_reference(([UNPATCHED] if args.unpatched else []) + names)
     table = report.rows(summaries, reference=reference)
     text = report.markdown_table(table)
