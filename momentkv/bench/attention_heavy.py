@@ -70,17 +70,22 @@ def _time_steps(model, cache, start: int, steps: int) -> float:
 
 def run(contexts=(8192, 16384, 32768), budget: int = 1024, decode_budget: int = 128, steps: int = 24,
         repeats: int = 3, policy: str = "moment.yaml", progress=None, device: str = "cpu",
-        dtype=torch.float32, layers: int = 2) -> list[dict]:
-    """Per context length: seconds per step and stored KV bytes of the full and the compressed cache."""
+        dtype=torch.float32, layers: int = 2, compiled: bool = False) -> list[dict]:
+    """Per context length: seconds per step and stored KV bytes of the full and the compressed cache.
+
+    ``compiled``: momentkv's steps also run through a compiled forward (``momentkv_compiled_tokens_per_s``):
+    the cache is filled to its budget eagerly, then the forward is compiled (the two warm-up steps compile it;
+    their seconds, first context only, are ``compile_s``).
+    """
     from transformers import DynamicCache
 
     model = attention_heavy_model(layers=layers, device=device, dtype=dtype)
     decode_policy = momentkv.load_policy(policy).model_dump()
     decode_policy["decode"]["budget"] = decode_budget
     decode_policy["name"] = f"{decode_policy['name']}+prompt{budget - decode_budget}"
-    rows = []
+    rows, compile_seconds = [], []
     for context in contexts:
-        per_step = {"full": [], "momentkv": []}
+        per_step = {"full": [], "momentkv": [], "compiled": []}
         kv_bytes = {}
         for repeat in range(repeats):
             gen = torch.Generator().manual_seed(repeat)
@@ -97,6 +102,9 @@ def run(contexts=(8192, 16384, 32768), budget: int = 1024, decode_budget: int = 
                         _time_steps(model, cache, context, decode_budget)  # fill the decode budget
                         seconds = _time_steps(model, cache, context + decode_budget + 2, steps)
                         kv_bytes[kind] = cache.stats()["kv_bytes"]
+                        if compiled:
+                            per_step["compiled"].append(_compiled_steps(model, cache, context + decode_budget
+                                                                        + steps + 4, steps, compile_seconds))
                 per_step[kind].append(seconds)
                 del cache
                 if progress is not None:
@@ -107,15 +115,41 @@ def run(contexts=(8192, 16384, 32768), budget: int = 1024, decode_budget: int = 
             "full_tokens_per_s": 1 / full_s, "momentkv_tokens_per_s": 1 / ours_s, "speedup": full_s / ours_s,
             "full_kv_bytes": kv_bytes["full"], "momentkv_kv_bytes": kv_bytes["momentkv"],
         })
+        if compiled:
+            rows[-1]["momentkv_compiled_tokens_per_s"] = 1 / statistics.median(per_step["compiled"])
+            rows[-1]["compile_s"] = compile_seconds[0]
     return rows
 
 
+def _compiled_steps(model, cache, start: int, steps: int, compile_seconds: list) -> float:
+    """Seconds per step of ``cache`` (at its budget) through ``model``'s compiled forward; the first call in the
+    process records its two compiling warm-up steps in ``compile_seconds``."""
+    from momentkv.bench.compiled import compiled_forward
+
+    model.forward = compiled_forward(model)
+    try:
+        if not compile_seconds:
+            began = time.perf_counter()
+            _time_steps(model, cache, start, 1)  # its two warm-up steps compile the steady step
+            compile_seconds.append(time.perf_counter() - began)
+            start += 3
+        return _time_steps(model, cache, start, steps)
+    finally:
+        del model.forward
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| cached tokens | full tokens/s | momentkv tokens/s (budget) | speed-up | full KV MiB | momentkv KV MiB |",
-             "|---|---|---|---|---|---|"]
+    compiled = bool(rows) and "momentkv_compiled_tokens_per_s" in rows[0]
+    extra = " momentkv compiled tokens/s | compiled / eager |" if compiled else ""
+    lines = ["| cached tokens | full tokens/s | momentkv tokens/s (budget) | speed-up | full KV MiB | momentkv KV MiB |"
+             + extra, "|---|---|---|---|---|---|" + ("---|---|" if compiled else "")]
     for r in rows:
-        lines.append(
-            f"| {r['context']} | {r['full_tokens_per_s']:.1f} | {r['momentkv_tokens_per_s']:.1f} ({r['budget']}) | "
-            f"{r['speedup']:.2f}x | {r['full_kv_bytes'] / 2**20:.0f} | {r['momentkv_kv_bytes'] / 2**20:.1f} |"
-        )
+        line = (f"| {r['context']} | {r['full_tokens_per_s']:.1f} | {r['momentkv_tokens_per_s']:.1f} ({r['budget']}) | "
+                f"{r['speedup']:.2f}x | {r['full_kv_bytes'] / 2**20:.0f} | {r['momentkv_kv_bytes'] / 2**20:.1f} |")
+        if compiled:
+            fast = r["momentkv_compiled_tokens_per_s"]
+            line += f" {fast:.1f} | {fast / r['momentkv_tokens_per_s']:.2f}x |"
+        lines.append(line)
+    if compiled:
+        lines += ["", f"Compilation (first context only, not in tokens/s): {rows[0]['compile_s']:.1f} s."]
     return "\n".join(lines)
