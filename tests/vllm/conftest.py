@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm_cases import BLOCK, NEW_TOKENS, PREEMPTING_BLOCKS, TOP
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 MODEL = Path(os.environ.get("MOMENTKV_VLLM_MODEL", Path(sys.prefix) / "models" / "smollm2"))
 REFERENCE = Path(os.environ.get("MOMENTKV_VLLM_REFERENCE", ROOT / "out" / "vllm" / "reference.json"))
-NEW_TOKENS = 40
-TOP = 3
 
 
 def _policy(policy) -> dict:
@@ -44,6 +43,12 @@ def runs(reference: dict) -> list[dict]:
         # Two requests at a time: the second finishes after 16 tokens and the third joins while the first decodes.
         {"name": "moment", **_policy(cases["moment"]), "max_num_seqs": 2, "max_tokens": [NEW_TOKENS, 16, NEW_TOKENS]},
         {"name": "h2o", **_policy(cases["h2o"]), "max_num_seqs": 2},
+        # Blocks of 32 tokens, each request's blocks capped (the cap recorded), prompts prefilled in chunks of 16.
+        {"name": "moment_paged", **_policy(cases["moment"]), "block_size": BLOCK, "block_log": True,
+         "max_num_batched_tokens": 16, "max_num_seqs": 3},
+        # A budget never reached in a KV space too small for all three requests: some are preempted, recomputed.
+        {"name": "preempted", **_policy({"extends": "moment.yaml", "decode": {"budget": 64}}), "block_size": BLOCK,
+         "num_gpu_blocks": PREEMPTING_BLOCKS, "max_model_len": 128, "block_log": True},
     ]
 
 

@@ -4,7 +4,10 @@
 
 REQUEST.json: {"prompts": [[token ids], ...], "max_tokens": 32 (or one per prompt), "logprobs": 3}, optionally
 "max_model_len", "max_num_seqs" (requests running at once; the others wait and join as one finishes),
-"enable_prefix_caching" and "additional_config" (passed to ``vllm.LLM``, e.g. {"momentkv": {"policy": ...}}).
+"block_size", "num_gpu_blocks" (the KV space in blocks; few force preemption), "max_num_batched_tokens" (with
+chunked prefill: a prompt longer than it is prefilled in chunks), "enable_prefix_caching" and
+"additional_config" (passed to ``vllm.LLM``, e.g. {"momentkv": {"policy": ...}}); "block_log": true records
+momentkv's block cap, one line per request freed (``$MOMENTKV_VLLM_BLOCK_LOG``), into the result's "blocks".
 RESULT.json lists, per prompt, the generated token ids and, per step, the top log-probabilities as
 [[token_id, logprob], ...] (vLLM's raw log-probabilities: the chosen token's and the top ``logprobs``), and
 the vLLM version.
@@ -27,12 +30,19 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 
 
 def generate(model_dir: str, request: dict) -> dict:
     from vllm import LLM, SamplingParams
 
+    log = None
+    if request.get("block_log"):
+        log = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+        os.environ["MOMENTKV_VLLM_BLOCK_LOG"] = log  # the engine-core process inherits it
+    options = {"max_num_seqs": "max_num_seqs", "block_size": "block_size", "num_gpu_blocks": "num_gpu_blocks_override",
+               "max_num_batched_tokens": "max_num_batched_tokens"}
     llm = LLM(
         model=model_dir,
         dtype="float32",
@@ -40,7 +50,8 @@ def generate(model_dir: str, request: dict) -> dict:
         max_model_len=request.get("max_model_len", 512),
         seed=0,
         enable_prefix_caching=request.get("enable_prefix_caching", False),
-        **({"max_num_seqs": request["max_num_seqs"]} if "max_num_seqs" in request else {}),
+        **{option: request[key] for key, option in options.items() if key in request},
+        **({"enable_chunked_prefill": True} if "max_num_batched_tokens" in request else {}),
         **({"additional_config": request["additional_config"]} if "additional_config" in request else {}),
     )
     counts = request["max_tokens"]
@@ -60,6 +71,11 @@ def generate(model_dir: str, request: dict) -> dict:
         result["outputs"].append({"tokens": list(completion.token_ids), "logprobs": steps})
     del llm, outputs
     gc.collect()  # shuts the engine core and its worker down before the next engine starts
+    if log is not None:
+        del os.environ["MOMENTKV_VLLM_BLOCK_LOG"]
+        with open(log) as f:
+            result["blocks"] = [json.loads(line) for line in f if line.strip()]
+        os.unlink(log)
     return result
 
 

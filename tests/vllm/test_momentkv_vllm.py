@@ -25,6 +25,8 @@ try:
 except md.PackageNotFoundError:
     pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
 
+from vllm_cases import BLOCK, NEW_TOKENS, PREEMPTING_BLOCKS  # noqa: E402
+
 TOLERANCE = 1e-4
 # Two engines with the same kernels and the same seq_lens need not agree bit for bit: each step batches what
 # the engine core has received by then (requests arrive one by one from the calling process), and a GEMM's
@@ -61,21 +63,70 @@ def test_a_budget_never_reached_changes_nothing(vllm_runs):
     _identical("budget 64 never reached", vllm_runs["unreached"], vllm_runs["plain"])
 
 
-@pytest.mark.parametrize("policy", ["recency", "moment", "h2o"])
-def test_policy_in_vllm_matches_the_transformers_path(vllm_runs, reference, policy):
-    run, case = vllm_runs[policy], reference["cases"][policy]
+def _matches_the_transformers_path(name: str, run: dict, case: dict, reference: dict, plain: dict) -> None:
     assert "error" not in run, run
     assert case["policy"]["decode"]["budget"] == 6
     evicted = False
-    for prompt, got, expected, plain in zip(reference["prompts"], run["outputs"], case["outputs"],
-                                            vllm_runs["plain"]["outputs"], strict=True):
+    for prompt, got, expected, alone in zip(reference["prompts"], run["outputs"], case["outputs"], plain["outputs"],
+                                            strict=True):
         n = len(got["tokens"])
         assert n >= 16 and got["tokens"] == expected["tokens"][:n]
         worst = _worst(got["logprobs"], expected["logprobs"][:n])
-        print(f"{policy}: prompt of {len(prompt)} tokens, {n} tokens equal, largest |logprob difference| {worst:.1e}")
+        print(f"{name}: prompt of {len(prompt)} tokens, {n} tokens equal, largest |logprob difference| {worst:.1e}")
         assert worst < TOLERANCE
-        evicted |= got["tokens"] != plain["tokens"][:n]
+        evicted |= got["tokens"] != alone["tokens"][:n]
     assert evicted, "the policy changed no token: was the backend active?"
+
+
+@pytest.mark.parametrize("policy", ["recency", "moment", "h2o"])
+def test_policy_in_vllm_matches_the_transformers_path(vllm_runs, reference, policy):
+    _matches_the_transformers_path(policy, vllm_runs[policy], reference["cases"][policy], reference, vllm_runs["plain"])
+
+
+def test_chunked_prefill_and_capped_blocks_keep_the_transformers_path(vllm_runs, reference):
+    """Blocks of 32 tokens, capped; each prompt prefilled 16 tokens at a time, batched with the others' decode."""
+    _matches_the_transformers_path("moment, chunked prefill", vllm_runs["moment_paged"], reference["cases"]["moment"],
+                                   reference, vllm_runs["plain"])
+
+
+def _by_prompt(records: list) -> dict:
+    """Block-log records by the prompt's index (vLLM's request ids are ``INDEX-suffix``)."""
+    out: dict[int, list] = {}
+    for record in records:
+        out.setdefault(int(record["request"].split("-")[0]), []).append(record)
+    return out
+
+
+def test_each_request_holds_at_most_the_blocks_of_its_context_and_budget(vllm_runs, reference):
+    run = vllm_runs["moment_paged"]
+    assert "error" not in run, run
+    budget = reference["cases"]["moment"]["policy"]["decode"]["budget"]
+    records = _by_prompt(run["blocks"])
+    assert sorted(records) == list(range(len(reference["prompts"])))
+    for index, prompt in enumerate(reference["prompts"]):
+        (record,) = records[index]  # freed once: never preempted
+        assert record["block_size"] == BLOCK and record["budget"] == budget
+        cap = -(-(len(prompt) + 1 + budget) // BLOCK)  # the context, one token of slack, the budget
+        full = -(-(len(prompt) + NEW_TOKENS) // BLOCK)  # what vLLM gives a request that keeps every token
+        print(f"prompt of {len(prompt)} tokens: {record['peak']} blocks of {BLOCK} at most (cap {cap}), "
+              f"{full} without a budget")
+        assert record["cap"] == cap and record["peak"] == cap < full
+
+
+def test_preempted_requests_are_recomputed_and_finish(vllm_runs):
+    """A budget never reached: the tokens are plain vLLM's, though requests were preempted and recomputed."""
+    run = vllm_runs["preempted"]
+    assert "error" not in run, run
+    for got, expected in zip(run["outputs"], vllm_runs["plain"]["outputs"], strict=True):
+        assert got["tokens"] == expected["tokens"]
+        assert _worst(got["logprobs"], expected["logprobs"]) < TOLERANCE  # recomputed by prefill, not decode
+    records = _by_prompt(run["blocks"])
+    preempted = {index: rs for index, rs in records.items() if len(rs) > 1}
+    print(f"preempted: {sorted(preempted)}; context bounds {[[r['context_bound'] for r in rs] for rs in preempted.values()]}")
+    assert preempted, f"no request was preempted in {PREEMPTING_BLOCKS} blocks: the test needs fewer"
+    for rs in preempted.values():  # recomputed: its generated tokens so far became context
+        assert rs[-1]["context_bound"] > rs[0]["context_bound"]
+        assert all(r["peak"] <= r["cap"] for r in rs)
 
 
 @pytest.mark.parametrize("run, message", [

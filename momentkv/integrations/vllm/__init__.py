@@ -11,7 +11,9 @@ the main process it wraps ``EngineArgs.create_engine_config``: once the config e
 and checked against what the vLLM backend supports (:func:`check`), a refusal raising momentkv's
 ``PolicyError`` from ``vllm.LLM(...)`` itself, and the policy is put into the environment
 (``MOMENTKV_VLLM_POLICY``) that the engine-core and worker processes inherit. In a process where that
-variable is set, the CPU attention backend is overridden by :mod:`momentkv.integrations.vllm.backend`.
+variable is set, the CPU attention backend is overridden by :mod:`momentkv.integrations.vllm.backend`, and
+the attention layers report a KV-cache spec whose manager caps each request's blocks at what its context and
+the budget need (:mod:`momentkv.integrations.vllm.blocks`), so the scheduler admits more requests.
 
 Nothing here is imported by ``import momentkv``; this module imports vLLM only inside :func:`register`.
 """
@@ -96,6 +98,8 @@ def check(source, vllm_config=None, num_layers: int = 1):
             problems.append("models with sliding-window layers")
         if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
             problems.append("prefix caching: pass enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
+        if getattr(vllm_config.cache_config, "prefix_cache_retention_interval", 0) != 0:
+            problems.append("prefix_cache_retention_interval other than 0 (the block cap reads the prefill boundary)")
         if str(getattr(vllm_config.cache_config, "cache_dtype", "auto")) != "auto":
             problems.append(f"kv_cache_dtype {vllm_config.cache_config.cache_dtype} (quantised KV)")
         if getattr(vllm_config, "speculative_config", None) is not None:
@@ -112,10 +116,25 @@ def check(source, vllm_config=None, num_layers: int = 1):
 _EXPORTED: list[str] = []  # the value this process put into $MOMENTKV_VLLM_POLICY, if any
 
 
+def _budget(vllm_config) -> int | None:
+    """The policy's budget in this process; ``None`` when no policy is set (an engine without one)."""
+    if not os.environ.get(ENV, "").strip():
+        return None
+    from momentkv.integrations.vllm.backend import runtime
+
+    return runtime(vllm_config).budget
+
+
 def register_backend() -> None:
+    """In this process: the CPU attention backend overridden, the block-capped KV spec registered and reported
+    by the attention layers (:mod:`momentkv.integrations.vllm.blocks`)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as _register
 
+    from momentkv.integrations.vllm import blocks
+
     _register(AttentionBackendEnum.CPU_ATTN, BACKEND)
+    blocks.register_spec()
+    blocks.install_spec(_budget)
 
 
 def _forget_exported() -> None:

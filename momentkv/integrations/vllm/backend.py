@@ -1,22 +1,32 @@
 """vLLM's CPU attention backend with momentkv's decode eviction (registered by the plugin when a policy is set).
 
-Each request keeps its prompt whole and at most ``budget`` generated tokens per layer and KV head. A request
-with prompt ``P`` lays its tokens out in its blocks at *physical* indices: the prompt at ``0 .. P-1``, the
+Each request keeps its context whole and at most ``budget`` generated tokens per layer and KV head. A request
+with context ``P`` lays its tokens out in its blocks at *physical* indices: the context at ``0 .. P-1``, the
 generated tokens at ``P .. P+budget-1`` (slot of index ``i`` = ``block_table[i // block_size] * block_size +
 i % block_size``, the engine's own mapping). Until the budget is full a generated token goes where vLLM
-would put it; from then on each KV head writes it, through the backend's own cache-write op, into the slot
-of that head's lowest-ranked generated token (:class:`momentkv.core.eviction.LayerEviction`). Every head of a
-request therefore holds ``P + min(generated, budget)`` tokens: the metadata builder gives the attention
-kernel that ``seq_len``. Positions (RoPE) stay absolute: the runner computes them.
+would put it; from then on each KV head writes it into the slot of that head's lowest-ranked generated token
+(:class:`momentkv.core.eviction.LayerEviction`). Every head of a request therefore holds
+``P + min(generated, budget)`` tokens: the metadata builder gives the attention kernel that ``seq_len``, and
+the request's blocks are capped at what those indices need (:mod:`momentkv.integrations.vllm.blocks`).
+Positions (RoPE) stay absolute: the runner computes them.
+
+The builder turns the step's decode rows into index tensors once per step
+(:class:`momentkv.integrations.vllm.rows.DecodeBatch`); each layer then ranks the full rows' generated slots
+in one call into the core, writes every row's new token with one indexed store, and folds this step's
+attention into the scorer states of all rows holding the same number of tokens at once.
 
 Scorer states, and each slot's sequence index, live in pools addressed by slot index
 (:class:`momentkv.core.paged.PagedStates`), so they follow a request through continuous batching without a
-request id. The prompt length of a request is recorded, keyed by the first block of its block table, on
-every step where its row is prefilling (the last chunk of a chunked prefill leaves the full length);
-a preempted and recomputed request re-prefills prompt and generated tokens, which all become context.
+request id. The context length of a request is recorded, keyed by the first block of its block table, on
+every step where its row is prefilling (the last chunk of a chunked prefill leaves the full length). A
+preempted request is recomputed: its prompt and every token it generated are prefilled again and all become
+its context (the tokens it had evicted come back), and its scoring starts afresh.
 
 Scorers that read this step's attention get it from a softmax computed here in torch over the request's
-stored keys, read back from the paged cache (the attention op returns no probabilities).
+stored keys, read back from the paged cache block by block (the attention op returns no probabilities). The
+keys and values of the generated slots are gathered for the core only where a scorer reads them
+(``Scorer.reads_cache``). The cache's packing (keys row-major or transposed per block, per ISA) is probed
+once per layer through the backend's own write op.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from momentkv.core.paged import PagedStates
 from momentkv.core.plan import build_plans
 from momentkv.errors import PolicyError
 from momentkv.integrations.vllm import check, policy_source
+from momentkv.integrations.vllm.rows import DecodeBatch
 from momentkv.scoring.base import ScoreContext
 
 logger = init_logger("vllm.momentkv")  # under vLLM's logger, which prints
@@ -57,6 +68,10 @@ class _Runtime:
         self.num_layers = int(text.num_hidden_layers)
         self.plans = build_plans(self.policy, self.num_layers, [None] * self.num_layers)
         self.budget = self.plans[0].budget
+        # Rows of different lengths share one call into the core when every scorer takes a per-row `now`.
+        self.batched = all(s.batched_now for plan in self.plans for s in plan.scorers)
+        self.needs_attention = any(plan.needs_step_attention for plan in self.plans)
+        self.reads_cache = any(s.reads_cache for plan in self.plans for s in plan.scorers)
         logger.info("momentkv: policy %s, %d generated tokens per layer and KV head",
                     self.policy.name or json.dumps(source), self.budget)
 
@@ -72,18 +87,8 @@ def runtime(vllm_config=None) -> _Runtime:
 
 
 @dataclasses.dataclass
-class DecodeRow:
-    """One request's decode token in this step."""
-
-    token: int  # its index among the step's tokens
-    prompt: int  # P: the request's context length
-    generated: int  # tokens generated before this one (its sequence index is P + generated)
-    table: torch.Tensor  # the request's block table row
-
-
-@dataclasses.dataclass
 class MomentKVMetadata(CPUAttentionMetadata):
-    rows: list = dataclasses.field(default_factory=list)
+    decode: DecodeBatch | None = None
 
 
 class MomentKVMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -93,11 +98,11 @@ class MomentKVMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(*args, **kwargs)
         runtime(self.vllm_config)
         self.prompts: dict[int, int] = {}  # first block of a request -> its prompt length
-        self.unknown = 0
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        budget = runtime().budget
+        rt = runtime()
+        budget = rt.budget
         n = cm.num_reqs
         seq = cm.seq_lens[:n].to("cpu")
         starts = cm.query_start_loc_cpu[: n + 1]
@@ -105,23 +110,32 @@ class MomentKVMetadataBuilder(CPUAttentionMetadataBuilder):
         prefilling = cm.is_prefilling
         table = cm.block_table_tensor
         new_seq = cm.seq_lens.clone()
-        rows = []
+        rows, tokens, prompts, generated = [], [], [], []
         for r in range(n):
             first, length = int(table[r, 0]), int(seq[r])
             if (bool(prefilling[r]) if prefilling is not None else int(qlen[r]) > 1) or int(qlen[r]) != 1:
                 self.prompts[first] = length
                 continue
             prompt = self.prompts.get(first)
-            if prompt is None:  # never saw its prefill (a dummy run): left to the stock path
-                self.unknown += 1
-                continue
-            generated = length - 1 - prompt
-            new_seq[r] = prompt + min(generated + 1, budget)
-            rows.append(DecodeRow(int(starts[r]), prompt, generated, table[r]))
+            if prompt is None:
+                if first == 0:  # the null block: a dummy run, left to the stock path
+                    continue
+                # Its blocks are capped (blocks.py): the stock write would land outside them.
+                raise RuntimeError(f"momentkv: a decode row (first block {first}) whose prefill was never seen")
+            g = length - 1 - prompt
+            new_seq[r] = prompt + min(g + 1, budget)
+            rows.append(r)
+            tokens.append(int(starts[r]))
+            prompts.append(prompt)
+            generated.append(g)
         cm = dataclasses.replace(cm, seq_lens=new_seq)
         meta = super().build(common_prefix_len, cm, fast_build)
         fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        return MomentKVMetadata(**fields, rows=rows)
+        decode = None
+        if rows:
+            decode = DecodeBatch.make(tokens, prompts, generated, table[rows], budget, self.block_size, rt.batched,
+                                      rt.needs_attention)
+        return MomentKVMetadata(**fields, decode=decode)
 
 
 class MomentKVImpl(CPUAttentionBackendImpl):
@@ -143,28 +157,55 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         self.positions = torch.zeros(slots, heads, dtype=torch.long)
         self.states = PagedStates([s.state_channels for s in self.plan.scorers], slots, heads)
         self.keys_transposed = _probe_packing(layer.isa, heads, self.head_size, self.block_size, kv_cache.dtype)
+        if not kv_cache.is_contiguous():
+            raise PolicyError("momentkv's vLLM backend reads the KV cache at computed offsets: it must be contiguous")
+        self.key_steps = torch.arange(self.head_size) * self.block_size  # a transposed key's elements
+        self.value_steps = torch.arange(self.head_size)  # a row-major key's or value's elements
 
-    def _slots(self, row: DecodeRow, index: torch.Tensor) -> torch.Tensor:
-        bs = self.block_size
-        return row.table[index // bs].long() * bs + index % bs
+    def _split(self, kv_cache: torch.Tensor):
+        """Keys and values of ``kv_cache`` ``[blocks, kv_heads, block_size, 2 * head_size]`` as views:
+        keys ``(blocks, kv_heads, head_size, block_size)`` where the ISA stores them transposed, else
+        ``(blocks, kv_heads, block_size, head_size)``; values ``(blocks, kv_heads, block_size, head_size)``."""
+        blocks, heads, bs, _ = kv_cache.shape
+        halves = kv_cache.view(blocks, heads, 2, bs * self.head_size)
+        keys = halves[:, :, 0].view(blocks, heads, *((self.head_size, bs) if self.keys_transposed else
+                                                     (bs, self.head_size)))
+        return keys, halves[:, :, 1].view(blocks, heads, bs, self.head_size)
 
-    def _read(self, key_cache, value_cache, slots: torch.Tensor):
-        """Keys and values ``(1, kv_heads, S, head_size)`` stored at ``slots`` ``(S,)``."""
-        bs = self.block_size
-        blocks, offsets = slots // bs, slots % bs
-        used, where = torch.unique(blocks, return_inverse=True)
-        k = key_cache[used]  # (U, H, bs, D) as stored
-        if self.keys_transposed:
-            k = k.reshape(k.shape[0], k.shape[1], self.head_size, bs)[where, :, :, offsets]  # (S, H, D)
+    def _read(self, kv_cache, slots: torch.Tensor, with_values: bool = True):
+        """Keys and values ``(n, kv_heads, S, head_size)`` stored at ``slots`` ``(n, S)`` (values ``None``
+        without ``with_values``): one gather each from the flat cache, at element offsets computed here."""
+        bs, d = self.block_size, self.head_size
+        tile = (slots // bs).unsqueeze(1) * len(self.heads) + self.heads.view(1, -1, 1)  # (n, H, S): (block, head)
+        base = tile * (2 * bs * d)  # each (block, head) holds bs keys then bs values, head_size each
+        offsets = (slots % bs).unsqueeze(1)
+        flat = kv_cache.view(-1)
+        if self.keys_transposed:  # keys as (head_size, bs): element (i, o) at i * bs + o
+            k = flat.take((base + offsets).unsqueeze(-1) + self.key_steps)
         else:
-            k = k[where, :, offsets]
-        v = value_cache[used][where, :, offsets]  # (S, H, D)
-        return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            k = flat.take((base + offsets * d).unsqueeze(-1) + self.value_steps)
+        v = flat.take((base + bs * d + offsets * d).unsqueeze(-1) + self.value_steps) if with_values else None
+        return k, v
 
-    def _view(self, key_cache, value_cache, slots: torch.Tensor, now: int) -> ScoreContext:
-        keys, values = self._read(key_cache, value_cache, slots)
-        positions = self.positions[slots].transpose(0, 1).unsqueeze(0)  # (1, H, T)
-        return ScoreContext(None, keys, None, positions=positions, values=values, now=now,
+    def _stored_keys(self, kv_cache, blocks: torch.Tensor) -> torch.Tensor:
+        """The keys of whole blocks ``blocks`` ``(n, m)`` of each row, ``(n, kv_heads, m * block_size, head_size)``
+        in physical order (a transposed view where the ISA stores keys transposed): one copy of each block's
+        keys, then one permutation."""
+        nb, heads, bs, _ = kv_cache.shape
+        n, m = blocks.shape
+        d = self.head_size
+        tiles = kv_cache.view(nb, heads, 2, bs * d)[:, :, 0].index_select(0, blocks.reshape(-1))  # (n*m, H, bs*d)
+        if self.keys_transposed:
+            return tiles.view(n, m, heads, d, bs).permute(0, 2, 3, 1, 4).reshape(n, heads, d, m * bs).transpose(2, 3)
+        return tiles.view(n, m, heads, bs, d).permute(0, 2, 1, 3, 4).reshape(n, heads, m * bs, d)
+
+    def _view(self, kv_cache, table: torch.Tensor, now) -> ScoreContext:
+        """The core's view of the generated slots ``table`` ``(n, T)``, the newest token at ``now``."""
+        k = v = None
+        if self.rt.reads_cache:
+            k, v = self._read(kv_cache, table)
+        positions = self.positions[table].transpose(1, 2)  # (n, H, T)
+        return ScoreContext(None, k, None, positions=positions, values=v, now=now,
                             layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers)
 
     # ------------------------------------------------------------ the step
@@ -173,67 +214,61 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:
             return output
         n = attn_metadata.num_actual_tokens
-        rows = getattr(attn_metadata, "rows", [])
-        stock = torch.ones(n, dtype=torch.bool)
-        for row in rows:
-            stock[row.token] = False
-        if bool(stock.all()):
+        batch: DecodeBatch | None = getattr(attn_metadata, "decode", None)
+        if batch is None:
             self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, attn_metadata.slot_mapping[:n])
-        elif bool(stock.any()):
-            self.do_kv_cache_update(layer, key[:n][stock], value[:n][stock], kv_cache,
-                                    attn_metadata.slot_mapping[:n][stock])
-        if rows:
+        else:
+            stock = torch.ones(n, dtype=torch.bool)
+            stock[batch.tokens] = False
+            if bool(stock.any()):
+                self.do_kv_cache_update(layer, key[:n][stock], value[:n][stock], kv_cache,
+                                        attn_metadata.slot_mapping[:n][stock])
             if self.core is None:
                 self._start(layer, kv_cache)
-            blocks, heads, bs, _ = kv_cache.shape
-            key_cache, value_cache = kv_cache.view(blocks, heads, 2 * bs, -1).chunk(2, dim=2)
-            for row in rows:
-                self._write(layer, row, key, value, key_cache, value_cache)
+            self._write(batch, key, value, kv_cache)
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        if rows:
-            for row in rows:
-                self._fold(row, query, key_cache, value_cache)
+        if batch is not None:
+            self._fold(batch, query, kv_cache)
         return output
 
-    def _write(self, layer, row: DecodeRow, key, value, key_cache, value_cache) -> None:
-        """Write the row's new token: into the next generated slot, or each head's victim once full."""
-        budget, p, g = self.plan.budget, row.prompt, row.generated
+    def _write(self, batch: DecodeBatch, key, value, kv_cache) -> None:
+        """Write each row's new token: into its next generated slot, or each head's victim once full."""
+        rows, heads = len(batch.tokens), len(self.heads)
+        where = batch.next_slot.unsqueeze(1).repeat(1, heads)  # (R, H)
+        if batch.fresh is not None:
+            self.states.reset(batch.fresh)
         scoring = self.core.scoring
-        if g >= budget:
-            table = self._slots(row, torch.arange(p, p + budget))  # (B,)
-            self.states.load(scoring, table.unsqueeze(0))
-            victim = self.core.lowest(self._view(key_cache, value_cache, table, p + g - 1), p)  # (1, H, 1)
+        for group in batch.victims:
+            self.states.load(scoring, group.table)
+            victim = self.core.lowest(self._view(kv_cache, group.table, group.newest), group.prompt)  # (n, H, 1)
             scoring.reset_slot(victim)
-            self.states.store(scoring, table.unsqueeze(0))
-            where = table[victim[0, :, 0]]  # (H,) one slot per KV head
+            self.states.store(scoring, group.table)
+            where[group.rows] = group.table.gather(1, victim[:, :, 0])
+        keys, values = self._split(kv_cache)
+        bs = self.block_size
+        blocks, offsets = where // bs, where % bs  # (R, H)
+        head = self.heads.expand(rows, heads)
+        new_keys, new_values = key[batch.tokens].to(keys.dtype), value[batch.tokens].to(values.dtype)  # (R, H, D)
+        if self.keys_transposed:
+            keys[blocks, head, :, offsets] = new_keys
         else:
-            where = self._slots(row, torch.tensor([p + g])).expand(len(self.heads)).contiguous()
-            for pool in self.states.pools:
-                pool[..., where, self.heads] = 0.0
-        t = row.token
-        for h in range(len(self.heads)):
-            ops.cpu_attn_reshape_and_cache(
-                key[t : t + 1, h : h + 1], value[t : t + 1, h : h + 1], key_cache[:, h : h + 1],
-                value_cache[:, h : h + 1], where[h : h + 1], layer.isa, k_scale=layer._k_scale_float,
-                v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
-        self.positions[where, self.heads] = p + g
+            keys[blocks, head, offsets] = new_keys
+        values[blocks, head, offsets] = new_values
+        self.positions[where, head] = batch.now.unsqueeze(1)
 
-    def _fold(self, row: DecodeRow, query, key_cache, value_cache) -> None:
-        """Fold this step's attention into the row's scorer states (``fold`` of the core)."""
-        budget, p, g = self.plan.budget, row.prompt, row.generated
-        held = min(g + 1, budget)
-        table = self._slots(row, torch.arange(p, p + held))
-        view = self._view(key_cache, value_cache, table, p + g)
-        attention = None
-        if self.plan.needs_step_attention:
-            stored = self._slots(row, torch.arange(p + held))
-            keys, _ = self._read(key_cache, value_cache, stored)
-            q = query[row.token].unsqueeze(0).unsqueeze(2)  # (1, heads, 1, D)
-            attention = group_attention(q, keys, None, self.scale)[..., p:]
+    def _fold(self, batch: DecodeBatch, query, kv_cache) -> None:
+        """Fold this step's attention into the rows' scorer states (``fold`` of the core)."""
         scoring = self.core.scoring
-        self.states.load(scoring, table.unsqueeze(0))
-        self.core.fold(attention, view)
-        self.states.store(scoring, table.unsqueeze(0))
+        for group in batch.folds:
+            attention = None
+            if self.plan.needs_step_attention:
+                stored = self._stored_keys(kv_cache, group.blocks)  # (n, H, S, D)
+                q = query[group.tokens].unsqueeze(2)  # (n, heads, 1, D)
+                probs = group_attention(q, stored, group.mask, self.scale)  # (n, H, S)
+                attention = probs.gather(-1, group.generated.expand(-1, probs.shape[1], -1))  # (n, H, held)
+            self.states.load(scoring, group.table)
+            self.core.fold(attention, self._view(kv_cache, group.table, group.now))
+            self.states.store(scoring, group.table)
 
 
 def _probe_packing(isa: str, heads: int, head_size: int, block_size: int, dtype) -> bool:

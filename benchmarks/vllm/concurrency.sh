@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# K concurrent requests of N tokens in one fixed KV space: plain vLLM, the plugin without a policy, and
+# momentkv's policies at budget 128, one configuration per process, one after the other (never two at once:
+# the timings are compared). Writes OUT/<config>.json and OUT/results.md (the table for docs/vllm.md).
+#   bash benchmarks/vllm/concurrency.sh [OUT] [REQUESTS] [NEW_TOKENS] [BLOCKS]
+# Defaults: out/vllm/concurrency, 32 requests, 1024 tokens, 256 blocks of 32 tokens (8,192 tokens of KV:
+# about a quarter of what 32 requests of 1,024 tokens need, and room for all of them at budget 128).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out="${1:-out/vllm/concurrency}"; requests="${2:-32}"; tokens="${3:-1024}"; blocks="${4:-256}"
+py=.venv-vllm/bin/python
+model=.venv-vllm/models/smollm2
+mkdir -p "$out"
+start=$(date +%s)
+for config in plain none moment.yaml recency.yaml; do
+    budget=(); [[ "$config" == *.yaml ]] && budget=(--budget 128)
+    echo "[$(( $(date +%s) - start )) s] $config (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+    "$py" benchmarks/vllm/concurrency.py "$model" "$out/${config%.yaml}.json" --policy "$config" "${budget[@]}" \
+        --requests "$requests" --new-tokens "$tokens" --blocks "$((blocks + 1))" --block-size 32 2>"$out/${config%.yaml}.log" \
+        | tail -1
+done
+"$py" benchmarks/vllm/concurrency_table.py "$out" > "$out/results.md"
+echo "[$(( $(date +%s) - start )) s] done: $out/results.md"
+cat "$out/results.md"

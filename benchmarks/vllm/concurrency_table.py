@@ -1,0 +1,40 @@
+"""The table of ``benchmarks/vllm/concurrency.sh``'s results (one JSON per configuration in a folder).
+
+    python benchmarks/vllm/concurrency_table.py FOLDER > FOLDER/results.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = ["plain", "none", "moment", "recency"]
+NAMES = {"plain": "plain vLLM (`VLLM_PLUGINS=none`)", "none": "momentkv plugin, no policy",
+         "moment": "`moment.yaml`", "recency": "`recency.yaml`"}
+
+
+def main() -> None:
+    folder = Path(sys.argv[1])
+    runs = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
+    if "plain" not in runs:
+        raise SystemExit(f"{folder}: no plain.json")
+    plain = runs["plain"]
+    first = next(iter(runs.values()))
+    prompts = [r["prompt"] for r in first["per_request"]]
+    print(f"{first['requests']} requests x {first['new_tokens']} tokens (prompts of {min(prompts)}-{max(prompts)} "
+          f"tokens), KV space {first['blocks']} blocks of {first['block_size']} tokens "
+          f"({first['blocks'] * first['block_size']:,} tokens)\n")
+    print("| configuration | budget | wall s | output tok/s | vs plain | running at once (most / mean) | "
+          "preemptions | peak blocks in use | blocks per request (most) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER)):
+        r = runs[name]
+        most = max(p["most_blocks"] for p in r["per_request"])
+        print(f"| {NAMES.get(name, name)} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {r['most_running']} / {r['mean_running']:.1f} | "
+              f"{r['preemptions']} | {r['peak_blocks_in_use']} | {most} |")
+
+
+if __name__ == "__main__":
+    main()
