@@ -88,15 +88,22 @@ def test_compiled_forward_gives_eager_tokens_with_two_compilations_and_no_graph_
     assert hasattr(model.__dict__["forward"], "_torchdynamo_orig_callable")
     again, _ = _generate(model, inputs)
     assert torch.equal(again, eager_tokens) and counters["stats"]["unique_graphs"] == 2
+    momentkv.patch(model, POLICY)  # a new handle: new plans, equal to the old ones, guarded by identity
+    again, _ = _generate(model, inputs)
+    assert torch.equal(again, eager_tokens) and counters["stats"]["unique_graphs"] == 2
 
 
 def test_compile_config_compiles_only_the_fixed_shape_steps(monkeypatch):
     calls = []
     original = RoutedForward.__call__
 
+    routed_to_compiled = []
+
     def spy(self, *args, **kwargs):
         calls.append((kwargs["input_ids"].shape[1], [layer.stored for layer in kwargs["cache"].layers]))
-        return original(self, *args, **kwargs)
+        out = original(self, *args, **kwargs)
+        routed_to_compiled[:] = [self.compiled_calls]
+        return out
 
     monkeypatch.setattr(RoutedForward, "__call__", spy)
     model = tiny_model("llama")
@@ -109,10 +116,12 @@ def test_compile_config_compiles_only_the_fixed_shape_steps(monkeypatch):
     tokens, _ = _generate(model, inputs, compile_config=config)
     assert torch.equal(tokens, eager_tokens)
     # transformers routes every decode step to its compiled call (the prompt stays eager); momentkv passes on
-    # the growing steps eagerly and compiles the steps after the budget filled (PROMPT + 6 slots per layer)
+    # the growing steps and the first eviction (which stores the slots' positions) eagerly and compiles the
+    # steps after it (PROMPT + 6 slots per layer)
     assert [q for q, _ in calls] == [1] * (NEW - 1)
     steady = [stored for _, stored in calls if stored == [PROMPT + 6] * 2]
     assert len(steady) == NEW - 1 - 6
+    assert routed_to_compiled == [len(steady) - 1]
     assert counters["stats"]["unique_graphs"] == 2  # fullgraph=True: a graph break would have raised
     assert "get_compiled_call" not in model.__dict__ and handle.last_cache.compile_decode
 

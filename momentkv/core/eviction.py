@@ -53,8 +53,11 @@ class LayerEviction:
                                          plan.granularity == "layer")
         self.scoring = LayerScoring(plan.scorers if plan.budget is not None else ())
         self.window = QueryWindow(max(plan.prefill.window_size(), self.scoring.query_window))
-        self.spec = None if self.scoring.debug else fused_spec(plan)
-        self.fused = None if self.spec is None else _fused_for(self.spec)
+        spec = None if self.scoring.debug else fused_spec(plan)
+        self.fused = None if spec is None else _fused_for(spec)
+        # The shared step's own spec: equal specs of other caches are then the same object, which a compiled
+        # step guards on (an equal but distinct one would compile the step again for every new cache).
+        self.spec = None if spec is None else self.fused[0].spec
         self._next: tuple | None = None  # (view, victim): what the last fused fold named for the next token
         self._prompt: tuple[int, torch.Tensor] | None = None  # the prompt length, as an int and a 0-d tensor
 

@@ -117,11 +117,13 @@ class EvictingLayer(CacheLayerMixin):
         self.active = reached or (self.active and self.generated > 0)  # scoring, once begun, never stops
 
     def fixed_shape(self) -> bool:
-        """Whether the next single-token step keeps every tensor's shape: the budget (a fixed integer, ranked
-        every step, no sliding window) is full and enforced, so the new token takes an evicted slot."""
+        """Whether the next single-token step keeps every tensor's shape and layout: the budget (a fixed integer,
+        ranked every step, no sliding window) is full and enforced, so the new token takes an evicted slot, and
+        the slots' positions are stored (the first eviction stores them; before it they are a broadcast view)."""
         plan = self.plan
         return (self.active and self.generated > 0 and isinstance(plan.budget, int) and plan.cadence == 1
-                and plan.sliding_window is None and self.slots.evictable_count == plan.budget)
+                and plan.sliding_window is None and self.slots.evictable_count == plan.budget
+                and not self.slots.in_order)
 
     def _finish_context(self) -> None:
         """The context is complete: compress it, then score from the next decode step on."""
