@@ -96,7 +96,7 @@ def test_bench_compiled_rows_report_their_compilation_apart(model_dir, tmp_path,
     rows = {r["policy"]: r for r in table}
     assert list(rows) == ["moment", "moment+compiled"]
     row = rows["moment+compiled"]
-    assert float(row["compile_s"]) > 0 and float(row["compile_wall_s"]) >= float(row["compile_s"])
+    assert 0 < float(row["compile_s"]) <= float(row["compile_wall_s"])
     assert float(row["graphs"]) == 2  # the warm-up compiled the steady step; the timed run compiled nothing
     assert float(row["kv_bytes"]) == float(rows["moment"]["kv_bytes"])
     assert math.isnan(float(row["attention_share"]))  # not instrumented: wrappers would enter the graph

@@ -4,7 +4,7 @@ A :class:`Compiled` entry patches the model with its policy and sets ``model.for
 for the run, which a patched ``generate`` takes once every budget is full (the prompt and the growing cache run
 eagerly; see :mod:`momentkv.engine.compiled_decode`). One compiled forward serves every run of a model in the
 process (:func:`compiled_forward`), so its graphs are compiled once: :func:`warm_up` runs one untimed
-generation per entry first and reports the compilation's wall time apart (:class:`CompileReport`); the timed
+generation per entry first and reports the wall time of the steps that compiled apart (:class:`CompileReport`); the timed
 runs then compile nothing (checked: the number of graphs after them is reported with it).
 """
 
@@ -34,8 +34,9 @@ class Compiled:
 
 @dataclass
 class CompileReport:
-    """What the warm-up of one compiled entry cost: ``seconds`` inside dynamo and inductor (its compile-time
-    metrics), ``wall`` of the whole warm-up generation, ``graphs`` compiled so far in the process."""
+    """What the warm-up of one compiled entry cost: ``seconds``, the wall time of the compiled calls during which
+    dynamo compiled a graph (compilation and that call's step), ``wall`` of the whole warm-up generation,
+    ``graphs`` compiled so far in the process."""
 
     name: str
     seconds: float
@@ -43,18 +44,29 @@ class CompileReport:
     graphs: int
 
 
-def compiled_forward(model):
+class _CompileTimer:
+    """A compiled forward that adds up the wall time of the calls that compiled a graph."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self._torchdynamo_orig_callable = compiled._torchdynamo_orig_callable  # what momentkv routes eager steps to
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        before, began = graphs_compiled(), time.perf_counter()
+        out = self.compiled(*args, **kwargs)
+        if graphs_compiled() != before:
+            self.seconds += time.perf_counter() - began
+        return out
+
+
+def compiled_forward(model) -> _CompileTimer:
     """The one ``torch.compile``d forward of ``model`` in this process (made on first use)."""
     forward = _FORWARDS.get(model)
     if forward is None:
-        forward = _FORWARDS[model] = torch.compile(type(model).forward.__get__(model), backend=BACKEND)
+        compiled = torch.compile(type(model).forward.__get__(model), backend=BACKEND)
+        forward = _FORWARDS[model] = _CompileTimer(compiled)
     return forward
-
-
-def _compile_seconds() -> float:
-    from torch._dynamo.utils import compilation_time_metrics
-
-    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
 def graphs_compiled() -> int:
@@ -63,14 +75,14 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def warm_up(entry: Compiled, generate) -> CompileReport:
+def warm_up(entry: Compiled, model, generate) -> CompileReport:
     """One untimed generation under ``entry``, long enough to pass the budget by a few steps (two steady steps
     compile: the second makes the step counters symbolic); ``generate(new_tokens)`` runs it."""
-    before = _compile_seconds()
-    start = time.perf_counter()
+    timer = compiled_forward(model)
+    before, start = timer.seconds, time.perf_counter()
     generate(_budget(entry.policy) + 8)
     wall = time.perf_counter() - start
-    return CompileReport(entry.name, _compile_seconds() - before, wall, graphs_compiled())
+    return CompileReport(entry.name, timer.seconds - before, wall, graphs_compiled())
 
 
 def _budget(policy) -> int:

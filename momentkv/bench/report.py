@@ -123,7 +123,7 @@ def markdown_table(table: list[dict]) -> str:
         lines += ["", "Compiled entries (`+compiled`): the prompt and the growing cache run eagerly, the steps after the "
                   "budget is full compiled; their compilation, in one untimed warm-up before the timed runs, is not in "
                   "tokens/s: " + "; ".join(
-                      f"{name}: {r['compile_s']:.1f} s in dynamo and inductor ({r['compile_wall_s']:.1f} s warm-up "
+                      f"{name}: {r['compile_s']:.1f} s in the steps that compiled ({r['compile_wall_s']:.1f} s warm-up "
                       f"generation), {r['graphs']:.0f} graphs compiled in the process" for name, r in compiled.items())
                   + ". Their time split and operations are not measured (the steps run inside compiled code)."]
     return "\n".join(lines)

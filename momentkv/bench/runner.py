@@ -168,7 +168,7 @@ def run_matrix(model, inputs, policies: list, lengths: list[int], repeats: int, 
     summaries = {(policy_name(p), n): Summary(policy_name(p), n) for p in policies for n in lengths}
     for policy in policies:  # compile before any timed run: the compiled graphs serve every length
         if isinstance(policy, compiled.Compiled):
-            report = compiled.warm_up(policy, lambda n, p=policy: _untimed(model, inputs, p, n))
+            report = compiled.warm_up(policy, model, lambda n, p=policy: _untimed(model, inputs, p, n))
             for n in lengths:
                 summaries[(policy.name, n)].compile = report
             if progress is not None:
