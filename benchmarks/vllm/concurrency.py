@@ -15,8 +15,9 @@ same for every configuration. Prompts: the prompt set's held-out prompts (chat-t
 greedy, ``ignore_eos`` so every request generates exactly N tokens, float32, eager.
 
 Writes OUT.json: the configuration, wall time of the generation loop, output tokens and tokens/s, requests
-running at once (most, and mean over steps), preemptions, peak KV blocks in use, and per request its prompt
-length and the most blocks it held.
+running at once (most, and mean over steps), preemptions, peak KV blocks in use, per request its prompt
+length and the most blocks it held, and per engine step the requests running after it and its seconds
+(running counts after a step; a step that prefills recomputed requests is slower).
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ def main() -> None:
     preempted: dict[str, int] = {}
     tokens: dict[str, int] = {}
     start = time.perf_counter()
+    step_times: list[list] = []  # [requests running, seconds] per engine step
     while engine.has_unfinished_requests():
+        began = time.perf_counter()
         for out in engine.step():
             tokens[external(out.request_id)] = len(out.outputs[0].token_ids)
+        step_times.append([len(scheduler.running), round(time.perf_counter() - began, 5)])
         steps += 1
         running_sum += len(scheduler.running)
         most_running = max(most_running, len(scheduler.running))
@@ -118,11 +122,12 @@ def main() -> None:
         "steps": steps, "most_running": most_running, "mean_running": round(running_sum / max(steps, 1), 2),
         "preemptions": sum(preempted.values()), "peak_blocks_in_use": peak_used,
         "per_request": [{"prompt": len(ids), "most_blocks": held.get(str(i), 0)} for i, ids in enumerate(prompts)],
+        "step_times": step_times,
         "python": sys.version.split()[0],
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_request"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("per_request", "step_times")}))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 # momentkv's policies at budget 128, one configuration per process, one after the other (never two at once:
 # the timings are compared). Writes OUT/<config>.json and OUT/results.md (the table for docs/vllm.md).
 #   bash benchmarks/vllm/concurrency.sh [OUT] [REQUESTS] [NEW_TOKENS] [BLOCKS]
-# Defaults: out/vllm/concurrency, 32 requests, 1024 tokens, 256 blocks of 32 tokens (8,192 tokens of KV:
-# about a quarter of what 32 requests of 1,024 tokens need, and room for all of them at budget 128).
+# Defaults: out/vllm/concurrency, 32 requests (the 16 held-out prompts twice, 61-457 tokens), 1024 tokens,
+# 384 blocks of 32 tokens (12,288 tokens of KV): 32 requests need 1,256 blocks to keep every token, 362 at
+# budget 128 (each capped at ceil((prompt + 1 + 128) / 32)), so plain vLLM holds about ten at full length.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out="${1:-out/vllm/concurrency}"; requests="${2:-32}"; tokens="${3:-1024}"; blocks="${4:-256}"
+out="${1:-out/vllm/concurrency}"; requests="${2:-32}"; tokens="${3:-1024}"; blocks="${4:-384}"
 py=.venv-vllm/bin/python
 model=.venv-vllm/models/smollm2
 mkdir -p "$out"

@@ -34,6 +34,30 @@ def main() -> None:
         print(f"| {NAMES.get(name, name)} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | {r['most_running']} / {r['mean_running']:.1f} | "
               f"{r['preemptions']} | {r['peak_blocks_in_use']} | {most} |")
+    step_costs({name: runs[name] for name in [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER))})
+
+
+def step_costs(runs: dict) -> None:
+    """Median seconds per engine step, and per running request, by requests running: how a step's cost grows
+    with the batch on this machine (where it grows in proportion, more requests at once add no tokens/s)."""
+    buckets = [(1, 8), (9, 16), (17, 24), (25, 32)]
+    rows = [(name, r["step_times"]) for name, r in runs.items() if r.get("step_times")]
+    if not rows:
+        return
+    print("\nMedian step time in ms (per running request), by requests running after the step:\n")
+    print("| configuration | " + " | ".join(f"{a}-{b} running" for a, b in buckets) + " |")
+    print("|---|" + "---|" * len(buckets))
+    for name, times in rows:
+        cells = []
+        for a, b in buckets:
+            picked = sorted(t for n, t in times if a <= n <= b)
+            if not picked:
+                cells.append("-")
+                continue
+            mid = picked[len(picked) // 2]
+            load = sorted(n for n, _ in times if a <= n <= b)[len(picked) // 2]
+            cells.append(f"{mid * 1e3:.0f} ({mid * 1e3 / load:.1f}), {len(picked)} steps")
+        print(f"| {NAMES.get(name, name)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

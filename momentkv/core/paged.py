@@ -61,6 +61,18 @@ class PagedStates:
             pool[..., table, :] = state.transpose(-1, -2)
 
     def reset(self, slots: torch.Tensor) -> None:
-        """New tokens arrive in ``slots`` (any shape of slot indices): their states start at zero."""
+        """New tokens arrive in ``slots`` (any shape of slot indices), in every head: their states start at zero."""
         for pool in self.pools:
             pool[..., slots.reshape(-1), :] = 0.0
+
+    def reset_heads(self, slots: torch.Tensor) -> None:
+        """A new token arrives in slot ``slots[i, h]`` of head ``h`` (``slots`` ``(n, kv_heads)``, a different slot
+        per head, as eviction frees them): its states start at zero there."""
+        heads = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
+        for pool in self.pools:
+            pool[..., slots, heads] = 0.0
+
+    def totals(self, table: torch.Tensor) -> torch.Tensor | None:
+        """The last combined score of slots ``table`` ``(batch, T)`` as ``(batch, kv_heads, T)`` (what a ranking
+        with only every-step scorers reads), ``None`` before any was stored."""
+        return self._rows(self.total, table) if self.has_total else None

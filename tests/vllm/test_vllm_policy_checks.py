@@ -52,3 +52,28 @@ def test_the_policy_comes_from_additional_config_then_the_environment(monkeypatc
     assert policy_source(None) == "moment.yaml"
     with pytest.raises(PolicyError, match="policy"):
         policy_source({"momentkv": "moment.yaml"})
+
+
+def _config(**cache):
+    from types import SimpleNamespace as NS
+
+    text = NS(num_hidden_layers=2)
+    return NS(model_config=NS(hf_text_config=text, hf_config=text),
+              cache_config=NS(**{"enable_prefix_caching": False, "prefix_cache_retention_interval": 0,
+                                 "cache_dtype": "auto", **cache}),
+              speculative_config=None, parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1))
+
+
+def test_an_engine_the_backend_does_not_cover_is_refused(monkeypatch):
+    """On another platform the CPU backend's override would never run: the policy would silently not apply."""
+    import vllm.platforms
+    from types import SimpleNamespace as NS
+
+    check("moment.yaml", _config())  # this CPU platform, vLLM's defaults: accepted
+    with pytest.raises(PolicyError, match="prefix caching"):
+        check("moment.yaml", _config(enable_prefix_caching=True))
+    with pytest.raises(PolicyError, match="prefix_cache_retention_interval"):
+        check("moment.yaml", _config(prefix_cache_retention_interval=None))
+    monkeypatch.setattr(vllm.platforms, "current_platform", NS(is_cpu=lambda: False, device_name="cuda"))
+    with pytest.raises(PolicyError, match="the cuda platform: the backend overrides vLLM's CPU attention backend only"):
+        check("moment.yaml", _config())

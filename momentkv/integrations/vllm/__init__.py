@@ -91,6 +91,11 @@ def check(source, vllm_config=None, num_layers: int = 1):
     policy = load(source)
     problems = []
     if vllm_config is not None:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            problems.append(f"the {current_platform.device_name} platform: the backend overrides vLLM's CPU attention "
+                            "backend only (CUDA backends are not covered yet), so a policy there would not apply")
         model = vllm_config.model_config
         text = getattr(model, "hf_text_config", model.hf_config)
         num_layers = int(getattr(text, "num_hidden_layers", 1))

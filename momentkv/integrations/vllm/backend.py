@@ -239,11 +239,17 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             self.states.reset(batch.fresh)
         scoring = self.core.scoring
         for group in batch.victims:
-            self.states.load(scoring, group.table)
-            victim = self.core.lowest(self._view(kv_cache, group.table, group.newest), group.prompt)  # (n, H, 1)
-            scoring.reset_slot(victim)
-            self.states.store(scoring, group.table)
-            where[group.rows] = group.table.gather(1, victim[:, :, 0])
+            view = self._view(kv_cache, group.table, group.newest)
+            if scoring.at_rank:  # scorers that run when ranking: they read and update their states
+                self.states.load(scoring, group.table)
+                victim = self.core.lowest(view, group.prompt)  # (n, H, 1)
+                self.states.store(scoring, group.table)
+            else:  # the ranking reads the last step's combined score alone
+                scoring.states, scoring.step_total = [], self.states.totals(group.table)
+                victim = self.core.lowest(view, group.prompt)
+            slots = group.table.gather(1, victim[:, :, 0])  # (n, H)
+            self.states.reset_heads(slots)
+            where[group.rows] = slots
         keys, values = self._split(kv_cache)
         bs = self.block_size
         blocks, offsets = where // bs, where % bs  # (R, H)
