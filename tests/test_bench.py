@@ -237,3 +237,20 @@ def test_bench_reruns_into_its_own_folder_and_keeps_other_files(model_dir, tmp_p
     code, table, _ = bench(model_dir, tmp_path, "--budget", "4", "--policies", "recency.yaml", "--no-op-counts")
     assert code == 0 and [r["policy"] for r in table] == ["recency"]
     assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_attention_heavy_times_a_compiled_step(monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from momentkv.bench import attention_heavy, compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    rows = attention_heavy.run(contexts=(40,), budget=24, decode_budget=8, steps=2, repeats=1, layers=1,
+                               compiled=True)
+    assert rows[0]["momentkv_compiled_tokens_per_s"] > 0 and rows[0]["compile_s"] > 0
+    assert counters["stats"]["unique_graphs"] == 2  # the manual loop at its budget: compiled twice, then reused
+    assert "momentkv compiled tokens/s" in attention_heavy.markdown_table(rows)
+    torch._dynamo.reset()
