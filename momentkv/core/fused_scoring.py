@@ -27,7 +27,7 @@ import torch
 
 from momentkv.core import ranking
 from momentkv.core.plan import LayerPlan
-from momentkv.scoring.normalize import _EPS
+from momentkv.scoring.normalize import normalize_scores
 
 # (kind, alpha, bias_correction, normalize, weight): one scorer, reduced to constants.
 _Part = tuple[str, float, bool, str, float]
@@ -105,18 +105,6 @@ def _ranks(outputs: list[torch.Tensor]) -> torch.Tensor:
     return out.scatter_(-1, order, _rank_steps(stacked.shape[-1], stacked).expand(stacked.shape))
 
 
-def _normalized(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """:func:`momentkv.scoring.normalize.normalize_scores` for every rule but ``rank``."""
-    if how == "sum":
-        return scores / scores.abs().sum(-1, keepdim=True).clamp_min(_EPS)
-    if how == "max":
-        return scores / scores.abs().amax(-1, keepdim=True).clamp_min(_EPS)
-    if how == "zscore":
-        centred = scores - scores.mean(-1, keepdim=True)
-        return centred / centred.square().mean(-1, keepdim=True).sqrt().clamp_min(_EPS)
-    return scores
-
-
 class FusedStep:
     """One layer's steady-state step under a :class:`FusedSpec` (see the module docstring)."""
 
@@ -166,7 +154,7 @@ class FusedStep:
         for out, (_, _, _, how, weight) in zip(outputs, spec.parts):
             if how == "rank":
                 continue
-            out = _normalized(out, how)
+            out = normalize_scores(out, how)  # never rank here: the ranked ones are summed below
             if weight != 1.0:
                 out = out * weight
             total = out if total is None else total + out
