@@ -157,10 +157,6 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         self.positions = torch.zeros(slots, heads, dtype=torch.long)
         self.states = PagedStates([s.state_channels for s in self.plan.scorers], slots, heads)
         self.keys_transposed = _probe_packing(layer.isa, heads, self.head_size, self.block_size, kv_cache.dtype)
-        if not kv_cache.is_contiguous():
-            raise PolicyError("momentkv's vLLM backend reads the KV cache at computed offsets: it must be contiguous")
-        self.key_steps = torch.arange(self.head_size) * self.block_size  # a transposed key's elements
-        self.value_steps = torch.arange(self.head_size)  # a row-major key's or value's elements
 
     def _split(self, kv_cache: torch.Tensor):
         """Keys and values of ``kv_cache`` ``[blocks, kv_heads, block_size, 2 * head_size]`` as views:
@@ -172,20 +168,15 @@ class MomentKVImpl(CPUAttentionBackendImpl):
                                                      (bs, self.head_size)))
         return keys, halves[:, :, 1].view(blocks, heads, bs, self.head_size)
 
-    def _read(self, kv_cache, slots: torch.Tensor, with_values: bool = True):
-        """Keys and values ``(n, kv_heads, S, head_size)`` stored at ``slots`` ``(n, S)`` (values ``None``
-        without ``with_values``): one gather each from the flat cache, at element offsets computed here."""
-        bs, d = self.block_size, self.head_size
-        tile = (slots // bs).unsqueeze(1) * len(self.heads) + self.heads.view(1, -1, 1)  # (n, H, S): (block, head)
-        base = tile * (2 * bs * d)  # each (block, head) holds bs keys then bs values, head_size each
-        offsets = (slots % bs).unsqueeze(1)
-        flat = kv_cache.view(-1)
-        if self.keys_transposed:  # keys as (head_size, bs): element (i, o) at i * bs + o
-            k = flat.take((base + offsets).unsqueeze(-1) + self.key_steps)
-        else:
-            k = flat.take((base + offsets * d).unsqueeze(-1) + self.value_steps)
-        v = flat.take((base + bs * d + offsets * d).unsqueeze(-1) + self.value_steps) if with_values else None
-        return k, v
+    def _read(self, kv_cache, slots: torch.Tensor):
+        """Keys and values ``(n, kv_heads, S, head_size)`` stored at ``slots`` ``(n, S)``, through :meth:`_split`'s
+        views."""
+        keys, values = self._split(kv_cache)
+        bs = self.block_size
+        blocks, offsets = (slots // bs).unsqueeze(1), (slots % bs).unsqueeze(1)  # (n, 1, S)
+        heads = self.heads.view(1, -1, 1)
+        k = keys[blocks, heads, :, offsets] if self.keys_transposed else keys[blocks, heads, offsets]
+        return k, values[blocks, heads, offsets]
 
     def _stored_keys(self, kv_cache, blocks: torch.Tensor) -> torch.Tensor:
         """The keys of whole blocks ``blocks`` ``(n, m)`` of each row, ``(n, kv_heads, m * block_size, head_size)``
@@ -199,10 +190,11 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             return tiles.view(n, m, heads, d, bs).permute(0, 2, 3, 1, 4).reshape(n, heads, d, m * bs).transpose(2, 3)
         return tiles.view(n, m, heads, bs, d).permute(0, 2, 1, 3, 4).reshape(n, heads, m * bs, d)
 
-    def _view(self, kv_cache, table: torch.Tensor, now) -> ScoreContext:
-        """The core's view of the generated slots ``table`` ``(n, T)``, the newest token at ``now``."""
+    def _view(self, kv_cache, table: torch.Tensor, now, cache: bool = True) -> ScoreContext:
+        """The core's view of the generated slots ``table`` ``(n, T)``, the newest token at ``now``; their keys and
+        values only with ``cache`` and where a scorer reads them."""
         k = v = None
-        if self.rt.reads_cache:
+        if cache and self.rt.reads_cache:
             k, v = self._read(kv_cache, table)
         positions = self.positions[table].transpose(1, 2)  # (n, H, T)
         return ScoreContext(None, k, None, positions=positions, values=v, now=now,
@@ -239,7 +231,7 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             self.states.reset(batch.fresh)
         scoring = self.core.scoring
         for group in batch.victims:
-            view = self._view(kv_cache, group.table, group.newest)
+            view = self._view(kv_cache, group.table, group.newest, cache=bool(scoring.at_rank))
             if scoring.at_rank:  # scorers that run when ranking: they read and update their states
                 self.states.load(scoring, group.table)
                 victim = self.core.lowest(view, group.prompt)  # (n, H, 1)
