@@ -1,10 +1,19 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Inductor's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: a kernel cached by a run at AVX-512 is reused by
+# a run at `default` (which then fails to compile it: no at::vec) or at AVX2 (which crashes in it). Every
+# session compiles into its own folder, so a run at one capability never meets another's kernels.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="momentkv-tests-inductor-")
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 from hypothesis import HealthCheck, settings  # noqa: E402
