@@ -1,7 +1,8 @@
 """The fused steady-state scoring step (momentkv/core/fused_scoring.py) and its compiled form (core/compiled.py).
 
-Run eagerly, the fused step must give the general path's states, ranking scores and victims bit for bit: it is
-the same arithmetic in the same order. Compiled by inductor, it may round differently (vectorised ``expm1``,
+Run eagerly (the native CPU step off; it has its own tests in tests/test_kernels_cpu_scoring.py), the fused step
+must give the general path's states, ranking scores and victims bit for bit: it is the same arithmetic in the
+same order. Compiled by inductor, it may round differently (vectorised ``expm1``,
 another order of operations), so the compiled states are held to a rounding bound derived from the recurrence,
 and the victims to the general path's wherever the lowest score is not within that bound of the next one.
 """
@@ -19,6 +20,7 @@ from momentkv.core import eviction as eviction_mod
 from momentkv.core.eviction import LayerEviction
 from momentkv.core.fused_scoring import FusedStep, fused_spec
 from momentkv.core.plan import build_plans
+from momentkv.kernels import cpu_scoring
 from momentkv.scoring.base import ScoreContext
 
 PROMPT = 7
@@ -37,6 +39,12 @@ POLICIES = {
         {"type": "instantaneous", "normalize": "rank", "weight": 2.0},
         {"type": "accumulated", "normalize": "rank"}]}},
 }
+
+
+@pytest.fixture(autouse=True)
+def _tensor_step(monkeypatch):
+    """These tests are about the step as tensor operations (and its inductor form): the native step stays off."""
+    monkeypatch.setattr(cpu_scoring, "_SETTING", "0")
 
 
 def _plan(policy):

@@ -15,10 +15,11 @@ cadence and sliding windows may know the answer is one), :meth:`lowest` or :meth
 after attention, :meth:`fold` (this step's attention into the scorers' states).
 
 In the steady state of a plan whose every-step scoring is one closed computation (a full budget of fixed
-shape; :mod:`~momentkv.core.fused_scoring`), :meth:`fold` runs it as one function of tensors, compiled on the
-CPU (:mod:`~momentkv.core.compiled`), which also names the slot each head gives to the next token: the next
-:meth:`lowest` returns it without ranking again. Results are those of the general path (bit for bit when run
-eagerly).
+shape; :mod:`~momentkv.core.fused_scoring`), :meth:`fold` runs it as one computation, which also names the
+slot each head gives to the next token: the next :meth:`lowest` returns it without ranking again. On the CPU
+that computation is one native call (:mod:`~momentkv.kernels.cpu_scoring`; results equal to the general path's
+up to rounding), elsewhere, or where no compiler builds it, one function of tensors (bit for bit the general
+path), which ``MOMENTKV_COMPILE_SCORING=1`` compiles with inductor (:mod:`~momentkv.core.compiled`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,19 @@ from momentkv.core.fused_scoring import FusedSpec, FusedStep, fused_spec
 from momentkv.core.plan import LayerPlan
 from momentkv.core.query_window import QueryWindow
 from momentkv.core.scorer_states import LayerScoring
+from momentkv.kernels import cpu_scoring
 from momentkv.scoring.base import ScoreContext
 
 _FUSED: dict[FusedSpec, tuple[FusedStep, CompiledStep]] = {}  # layers with equal specs share one compiled step
+_NATIVE: dict[FusedSpec, cpu_scoring.NativeStep | None] = {}  # built on the first steady CPU step that needs one
+
+
+def _native_for(spec: FusedSpec) -> cpu_scoring.NativeStep | None:
+    if not cpu_scoring.enabled():
+        return None
+    if spec not in _NATIVE:
+        _NATIVE[spec] = cpu_scoring.native_step(spec)
+    return _NATIVE[spec]
 
 
 def _fused_for(spec: FusedSpec) -> tuple[FusedStep, CompiledStep]:
@@ -119,11 +130,16 @@ class LayerEviction:
         step, compiled = self.fused
         states = [scoring.states[i] for i in spec.stateful]
         device = view.positions.device
-        if torch.compiler.is_compiling() or not compile_enabled(device):
+        if torch.compiler.is_compiling():
             total, victim = step(states, attention, view.positions, view.now, prompt_tokens)
-        else:  # the step and the prompt as tensors: a new step is new data, not a new constant to compile for
+        elif compile_enabled(device):  # the step and the prompt as tensors: new data, not new constants
             now = torch.tensor(view.now, device=device)
             total, victim = compiled(states, attention, view.positions, now, self._prompt_tensor(prompt_tokens, device))
+        else:
+            native = _native_for(spec) if device.type == "cpu" else None
+            result = None if native is None else native(states, attention, view.positions, view.now, prompt_tokens)
+            total, victim = result if result is not None else step(states, attention, view.positions, view.now,
+                                                                   prompt_tokens)
         scoring.attention, scoring.step_total = attention, total
         self._next = (view, victim)
 

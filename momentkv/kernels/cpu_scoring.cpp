@@ -1,0 +1,241 @@
+// One layer's steady-state scoring step on the CPU, in one call: the arithmetic of
+// momentkv/core/fused_scoring.py (FusedStep.__call__ and FusedStep.victim), row by row.
+//
+// A row is one (batch, kv head) of a layer: T evictable slots. For each row the step
+//   1. folds this step's attention into every stateful part (ema: s = alpha * s + a; accumulated: s = s + a),
+//      in place;
+//   2. computes each part's output: recency -age, instantaneous a, the state (ema with bias correction
+//      divided by 1 - alpha^(age + 1), written -expm1((age + 1) ln alpha), or by age + 1 when alpha = 1);
+//   3. normalises the parts that do not rank (none, sum, max, zscore) and sums them, weighted, in policy order;
+//      ranks the others (stable: ties keep their slot order; NaN above every number, as torch sorts) as
+//      i / (T - 1), sums the weighted ranks, and adds that sum last;
+//   4. names the victim: the first slot of the lowest total, protected slots (the sinks after the prompt and the
+//      `recent` newest, counting the token that arrives at now + 1) excluded; a NaN total is chosen first, as
+//      torch's argmin does.
+// Rounding: every operation is one float32 operation in the order torch performs it (compiled without
+// contraction into fused multiply-adds); expm1f and the order of the normalisations' sums may differ from
+// ATen's vectorised versions by rounding only.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+enum Kind { EMA = 0, ACCUMULATED = 1, INSTANTANEOUS = 2, RECENCY = 3 };
+enum Norm { NONE = 0, SUM = 1, MAX = 2, ZSCORE = 3, RANK = 4 };
+
+const float kEps = 1e-12f;
+
+// A key whose unsigned order is torch's stable ascending order of float32 values: the value's order in the high
+// 32 bits (-0 equal to +0, every NaN above +inf), the slot in the low 32 bits (ties keep their slot order).
+inline uint64_t sort_key(float v, int64_t slot) {
+    uint32_t bits;
+    if (std::isnan(v)) {
+        bits = 0xFFFFFFFFu;
+    } else {
+        if (v == 0.0f) v = 0.0f;
+        std::memcpy(&bits, &v, sizeof bits);
+        bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    }
+    return (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(slot);
+}
+
+void normalise(float* v, int64_t t, int how) {
+    if (how == NONE || t == 0) return;
+    if (how == SUM || how == MAX) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < t; ++i) {
+            float m = std::fabs(v[i]);
+            if (how == SUM) acc += m;
+            else if (std::isnan(m) || (!std::isnan(acc) && m > acc)) acc = m;  // a NaN propagates, as in amax
+        }
+        if (acc < kEps) acc = kEps;
+        for (int64_t i = 0; i < t; ++i) v[i] = v[i] / acc;
+        return;
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < t; ++i) sum += v[i];
+    float mean = sum / static_cast<float>(t);
+    float squares = 0.0f;
+    for (int64_t i = 0; i < t; ++i) {
+        v[i] = v[i] - mean;
+        squares += v[i] * v[i];
+    }
+    float sd = std::sqrt(squares / static_cast<float>(t));
+    if (sd < kEps) sd = kEps;
+    for (int64_t i = 0; i < t; ++i) v[i] = v[i] / sd;
+}
+
+// expm1((age + 1) ln alpha) for ages 0, 1, ...: the bias correction's denominator depends on nothing else, so each
+// thread keeps it per ln alpha, extended as generation grows (the same float32 operations as computing it anew).
+const float* expm1_table(float log_alpha, int64_t max_age) {
+    thread_local std::vector<std::pair<float, std::vector<float>>> tables;
+    std::vector<float>* table = nullptr;
+    for (auto& entry : tables) {
+        if (entry.first == log_alpha) table = &entry.second;
+    }
+    if (table == nullptr) {
+        tables.emplace_back(log_alpha, std::vector<float>());
+        table = &tables.back().second;
+    }
+    for (int64_t age = static_cast<int64_t>(table->size()); age <= max_age; ++age) {
+        float x = log_alpha * static_cast<float>(age);
+        x = log_alpha + x;
+        table->push_back(std::expm1(x));
+    }
+    return table->data();
+}
+
+// 0, 1/(T-1), ..., 1 as torch computes them (arange, then one float32 division).
+const float* rank_steps(int64_t t) {
+    thread_local std::vector<float> steps;
+    if (static_cast<int64_t>(steps.size()) != t) {
+        steps.resize(static_cast<size_t>(t));
+        const float den = static_cast<float>(t > 1 ? t - 1 : 1);
+        for (int64_t k = 0; k < t; ++k) steps[k] = static_cast<float>(k) / den;
+    }
+    return steps.data();
+}
+
+// Returns 0; 1 when a part's kind or normalisation is unknown, 2 when a bias-corrected part meets a slot younger
+// than 0 or older than 2^24 steps (positions that are not this step's): nothing is written then.
+//   rows, t                 rows = batch * kv_heads, t = evictable slots per row
+//   parts                   number of scorers; kinds/alphas/log_alphas/corrected/norms/weights: one entry each
+//                           (log_alphas: ln alpha rounded to float32 from double, as torch rounds a scalar)
+//   states                  one float32 (rows, t) pointer per ema/accumulated part, in part order; updated in place
+//   heads                   kv heads per batch row: row r is (r / heads, r % heads)
+//   attention               float32 (batch, heads, t), or null when no part reads it
+//   positions               int64 (batch, heads, t) sequence indices of the slots
+//   *_strides               attention's and positions' element strides over batch and heads (each row contiguous;
+//                           a stride may be 0: one row broadcast)
+//   total                   float32 (rows, t) out: the ranking score, protections not applied
+//   victim                  int64 (rows) out: each row's lowest unprotected slot
+int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* kinds, const float* alphas,
+                       const float* log_alphas, const int32_t* corrected, const int32_t* norms, const float* weights,
+                       float* const* states, int64_t heads, const float* attention, const int64_t* attention_strides,
+                       const int64_t* positions, const int64_t* positions_strides, int64_t now,
+                       int64_t prompt_tokens, int64_t sinks, int64_t recent, float* total, int64_t* victim) {
+    auto row_of = [heads](int64_t r, const int64_t* strides) { return (r / heads) * strides[0] + (r % heads) * strides[1]; };
+    bool any_corrected = false;
+    for (int64_t p = 0; p < parts; ++p) {
+        if (kinds[p] < EMA || kinds[p] > RECENCY || norms[p] < NONE || norms[p] > RANK) return 1;
+        any_corrected = any_corrected || (kinds[p] == EMA && corrected[p] && alphas[p] != 1.0f);
+    }
+    int64_t max_age = 0;
+    if (any_corrected) {
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t* pos = positions + row_of(r, positions_strides);
+            for (int64_t i = 0; i < t; ++i) {
+                const int64_t a = now - pos[i];
+                if (a < 0 || a > (int64_t(1) << 24)) return 2;
+                max_age = std::max(max_age, a);
+            }
+        }
+    }
+    const float* steps = rank_steps(t);
+    std::vector<float> out(static_cast<size_t>(t)), rank_sum(static_cast<size_t>(t)), age(static_cast<size_t>(t));
+    std::vector<uint64_t> order(static_cast<size_t>(t));
+    const float inf = std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t* pos = positions + row_of(r, positions_strides);
+        const float* att = attention ? attention + row_of(r, attention_strides) : nullptr;
+        float* tot = total + r * t;
+        for (int64_t i = 0; i < t; ++i) age[i] = static_cast<float>(now - pos[i]);
+        bool have_total = false, have_ranks = false;
+        int64_t state_index = 0;
+        for (int64_t p = 0; p < parts; ++p) {
+            const int kind = kinds[p];
+            if (kind == RECENCY) {
+                for (int64_t i = 0; i < t; ++i) out[i] = -age[i];
+            } else if (kind == INSTANTANEOUS) {
+                for (int64_t i = 0; i < t; ++i) out[i] = att[i];
+            } else {
+                float* s = states[state_index++] + r * t;
+                const float alpha = alphas[p];
+                for (int64_t i = 0; i < t; ++i) {
+                    float v = s[i];
+                    if (kind == EMA) v = v * alpha;
+                    v = v + att[i];
+                    s[i] = v;
+                    out[i] = v;
+                }
+                if (kind == EMA && corrected[p]) {
+                    if (alpha == 1.0f) {
+                        for (int64_t i = 0; i < t; ++i) out[i] = out[i] / (age[i] + 1.0f);
+                    } else {
+                        const float* denominator = expm1_table(log_alphas[p], max_age);
+                        for (int64_t i = 0; i < t; ++i) out[i] = -(out[i] / denominator[now - pos[i]]);
+                    }
+                }
+            }
+            const float weight = weights[p];
+            if (norms[p] == RANK) {
+                for (int64_t i = 0; i < t; ++i) order[i] = sort_key(out[i], i);
+                std::sort(order.begin(), order.end());
+                for (int64_t k = 0; k < t; ++k) {
+                    float rank = steps[k];
+                    if (weight != 1.0f) rank = rank * weight;
+                    float& slot = rank_sum[order[k] & 0xFFFFFFFFu];
+                    slot = have_ranks ? slot + rank : rank;
+                }
+                have_ranks = true;
+                continue;
+            }
+            normalise(out.data(), t, norms[p]);
+            for (int64_t i = 0; i < t; ++i) {
+                float v = weight != 1.0f ? out[i] * weight : out[i];
+                tot[i] = have_total ? tot[i] + v : v;
+            }
+            have_total = true;
+        }
+        if (have_ranks) {
+            for (int64_t i = 0; i < t; ++i) tot[i] = have_total ? tot[i] + rank_sum[i] : rank_sum[i];
+        }
+        // The victim for the token at now + 1: sinks and the `recent` newest (that token among them) protected.
+        const int64_t newest_protected = now + 2 - recent;
+        int64_t best = 0;
+        float best_value = inf;
+        for (int64_t i = 0; i < t; ++i) {
+            bool is_protected = (sinks > 0 && pos[i] >= prompt_tokens && pos[i] < prompt_tokens + sinks) ||
+                                (recent > 1 && pos[i] >= newest_protected);
+            float v = is_protected ? inf : tot[i];
+            if (std::isnan(v)) {
+                best = i;
+                break;
+            }
+            if (i == 0 || v < best_value) {
+                best = i;
+                best_value = v;
+            }
+        }
+        victim[r] = best;
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The entry point: one block of 64-bit words, so that a call from Python converts one argument, not eighteen.
+//   block[0..17]  rows, t, parts, kinds, alphas, log_alphas, corrected, norms, weights, states, attention,
+//                 positions, now, prompt_tokens, sinks, recent, total, victim (pointers as addresses, 0 = null)
+//   block[18..22] heads, attention's strides over batch and heads, positions' strides over batch and heads
+//   states        the address of an array of one address per stateful part
+int momentkv_fused_scoring_call(const int64_t* block) {
+    auto at = [&](int i) { return reinterpret_cast<void*>(static_cast<intptr_t>(block[i])); };
+    return fused_scoring_step(block[0], block[1], block[2], static_cast<const int32_t*>(at(3)),
+                              static_cast<const float*>(at(4)), static_cast<const float*>(at(5)),
+                              static_cast<const int32_t*>(at(6)), static_cast<const int32_t*>(at(7)),
+                              static_cast<const float*>(at(8)), static_cast<float* const*>(at(9)), block[18],
+                              static_cast<const float*>(at(10)), block + 19, static_cast<const int64_t*>(at(11)),
+                              block + 21, block[12],
+                              block[13], block[14], block[15], static_cast<float*>(at(16)),
+                              static_cast<int64_t*>(at(17)));
+}
+
+}  // extern "C"

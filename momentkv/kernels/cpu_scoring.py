@@ -1,0 +1,194 @@
+"""The steady-state scoring step of one layer as one native call on the CPU (``cpu_scoring.cpp``).
+
+Eagerly, :class:`~momentkv.core.fused_scoring.FusedStep` is about a dozen small tensor operations per layer and
+step (fold, bias correction, two ranks, their sum, protections, victim), each one dispatch of a few
+microseconds on tensors of a few hundred elements. On the CPU the same arithmetic runs here as one C++ function
+over the rows ``(batch * kv_heads)``, called through :mod:`ctypes`: one call per layer and step.
+
+The shared library is built on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``),
+once per source and compiler, into ``$MOMENTKV_CACHE_DIR`` (default ``~/.cache/momentkv``) under a name holding
+the source's hash, and loaded from there afterwards (a build is about a second). Where it cannot be built or
+loaded (no compiler, a read-only cache), :func:`native_step` warns once and returns ``None``, and scoring stays
+on the eager step: the same results up to rounding.
+
+Rounding: every operation is the float32 operation torch performs, in the same order, built without contraction
+into fused multiply-adds; ``expm1f`` and the sums of the ``sum``/``max``/``zscore`` normalisations may round
+differently from ATen's vectorised code, so results agree with the eager step within rounding (the tests
+bound it), not bit for bit. ``MOMENTKV_NATIVE_SCORING=0`` turns the native step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+ENV = "MOMENTKV_NATIVE_SCORING"
+_SETTING = os.environ.get(ENV, "1").strip().lower()
+_KINDS = {"ema": 0, "accumulated": 1, "instantaneous": 2, "recency": 3}
+_NORMS = {"none": 0, "sum": 1, "max": 2, "zscore": 3, "rank": 4}
+_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-fno-fast-math")
+
+_lock = threading.Lock()
+_library: list = []  # [ctypes function] once built and loaded, [None] once given up
+_failure: list[str] = []
+
+
+def enabled() -> bool:
+    """Whether the native step is wanted (``MOMENTKV_NATIVE_SCORING``, read at import; on unless ``0``)."""
+    return _SETTING not in ("0", "false", "off", "no")
+
+
+def failure() -> str | None:
+    """Why the library could not be built or loaded, or ``None``."""
+    return _failure[0] if _failure else None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOMENTKV_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "momentkv"
+
+
+def _build() -> Path:
+    source = resources.files("momentkv.kernels").joinpath("cpu_scoring.cpp").read_bytes()
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / "kernels" / f"cpu_scoring-{digest}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        src = Path(work) / "cpu_scoring.cpp"
+        src.write_bytes(source)
+        built = Path(work) / target.name
+        run = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
+                             timeout=300)
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{Path(compiler).name} failed: {last}")
+        os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
+    return target
+
+
+def _function():
+    """The loaded C function, or ``None`` (warned once) where it cannot be built."""
+    if _library:
+        return _library[0]
+    with _lock:
+        if not _library:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                fn = lib.momentkv_fused_scoring_call
+                fn.argtypes = [ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+                _library.append(fn)
+            except Exception as error:  # noqa: BLE001 - any build or load failure: eager scoring, said once
+                _failure.append(f"{type(error).__name__}: {error}")
+                _library.append(None)
+                warnings.warn(f"momentkv: the native scoring step is unavailable ({_failure[0]}); scoring runs "
+                              f"as tensor operations (same results up to rounding, slower). Set {ENV}=0 to skip "
+                              "the attempt.", RuntimeWarning, stacklevel=4)
+    return _library[0]
+
+
+class NativeStep:
+    """A :class:`~momentkv.core.fused_scoring.FusedSpec`'s step through the native function.
+
+    Call it as ``FusedStep`` is called (``states, attention, positions, now, prompt_tokens`` with ints for
+    ``now`` and ``prompt_tokens``); it returns ``(total, victim)`` of the same shapes, or ``None`` when these
+    tensors are not ones it takes (not contiguous CPU tensors of the shapes and dtypes the step reads): the
+    caller then runs the eager step.
+    """
+
+    def __init__(self, spec, fn):
+        self.spec, self._fn = spec, fn
+        n, stateful = len(spec.parts), len(spec.stateful)
+        self._constants = (
+            (ctypes.c_int32 * n)(*(_KINDS[p[0]] for p in spec.parts)),
+            (ctypes.c_float * n)(*(p[1] for p in spec.parts)),
+            (ctypes.c_float * n)(*(math.log(p[1]) for p in spec.parts)),
+            (ctypes.c_int32 * n)(*(int(p[2]) for p in spec.parts)),
+            (ctypes.c_int32 * n)(*(_NORMS[p[3]] for p in spec.parts)),
+            (ctypes.c_float * n)(*(p[4] for p in spec.parts)),
+        )
+        self._state_addresses = (ctypes.c_int64 * max(stateful, 1))()
+        # The argument block (see cpu_scoring.cpp): constants written once, the rest at every call. One block per
+        # step object, so calls on one step object must not overlap (a layer's steps never do).
+        self._block = (ctypes.c_int64 * 23)()
+        self._block[2] = n
+        for i, array in enumerate(self._constants, start=3):
+            self._block[i] = ctypes.addressof(array)
+        self._block[9] = ctypes.addressof(self._state_addresses)
+        self._block[14], self._block[15] = spec.sinks, spec.recent
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _takes(tensor: torch.Tensor, dtype: torch.dtype, shape) -> bool:
+        """A CPU tensor of ``shape`` whose rows are contiguous (any strides over batch and heads, 0 included)."""
+        return (tensor.dtype == dtype and tensor.shape == shape and tensor.device.type == "cpu"
+                and (tensor.stride(-1) == 1 or shape[-1] <= 1) and tensor.storage_offset() >= 0)
+
+    @staticmethod
+    def _owned(tensor: torch.Tensor, shape) -> bool:
+        """A state: contiguous float32 CPU ``shape`` (written in place, so no broadcast rows)."""
+        return (tensor.dtype == torch.float32 and tensor.shape == shape and tensor.device.type == "cpu"
+                and tensor.is_contiguous())
+
+    def __call__(self, states, attention, positions, now: int, prompt_tokens: int):
+        shape = positions.shape
+        if (len(shape) != 3 or not self._takes(positions, torch.int64, shape)
+                or len(states) != len(self.spec.stateful) or not all(self._owned(s, shape) for s in states)):
+            return None
+        if attention is None:
+            if self.spec.needs_attention:
+                return None
+        elif not self._takes(attention, torch.float32, shape):
+            return None
+        b, h, t = shape
+        total = torch.empty(shape, dtype=torch.float32)
+        victim = torch.empty((b, h, 1), dtype=torch.int64)
+        with self._lock:
+            block = self._block
+            block[0], block[1] = b * h, t
+            for i, state in enumerate(states):
+                self._state_addresses[i] = state.data_ptr()
+            block[10] = 0 if attention is None else attention.data_ptr()
+            block[11], block[12], block[13] = positions.data_ptr(), int(now), int(prompt_tokens)
+            block[16], block[17] = total.data_ptr(), victim.data_ptr()
+            block[18] = h
+            block[21], block[22] = positions.stride(0), positions.stride(1)
+            if attention is not None:
+                block[19], block[20] = attention.stride(0), attention.stride(1)
+            status = self._fn(block)
+        if status != 0:
+            raise RuntimeError(f"momentkv: the native scoring step refused its input (status {status}: "
+                               f"{'unknown part' if status == 1 else 'a slot newer than now or older than 2^24 steps'})")
+        return total, victim
+
+
+def native_step(spec) -> NativeStep | None:
+    """The native step for ``spec``, or ``None`` where it is off or cannot be built (warned once)."""
+    if not enabled():
+        return None
+    fn = _function()
+    return None if fn is None else NativeStep(spec, fn)
