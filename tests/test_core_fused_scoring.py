@@ -1,6 +1,6 @@
 """The fused steady-state scoring step (momentkv/core/fused_scoring.py) and its compiled form (core/compiled.py).
 
-Run eagerly (the native CPU step off; it has its own tests in tests/test_kernels_cpu_scoring.py), the fused step
+Run eagerly (the native CPU step off; it has its own tests in tests/test_core_native_scoring.py), the fused step
 must give the general path's states, ranking scores and victims bit for bit: it is the same arithmetic in the
 same order. Compiled by inductor, it may round differently (vectorised ``expm1``,
 another order of operations), so the compiled states are held to a rounding bound derived from the recurrence,
@@ -20,7 +20,7 @@ from momentkv.core import eviction as eviction_mod
 from momentkv.core.eviction import LayerEviction
 from momentkv.core.fused_scoring import FusedStep, fused_spec
 from momentkv.core.plan import build_plans
-from momentkv.kernels import cpu_scoring
+from momentkv.core import native_scoring
 from momentkv.scoring.base import ScoreContext
 
 PROMPT = 7
@@ -44,7 +44,7 @@ POLICIES = {
 @pytest.fixture(autouse=True)
 def _tensor_step(monkeypatch):
     """These tests are about the step as tensor operations (and its inductor form): the native step stays off."""
-    monkeypatch.setattr(cpu_scoring, "_SETTING", "0")
+    monkeypatch.setattr(native_scoring, "_SETTING", "0")
 
 
 def _plan(policy):

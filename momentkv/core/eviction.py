@@ -17,7 +17,7 @@ after attention, :meth:`fold` (this step's attention into the scorers' states).
 In the steady state of a plan whose every-step scoring is one closed computation (a full budget of fixed
 shape; :mod:`~momentkv.core.fused_scoring`), :meth:`fold` runs it as one computation, which also names the
 slot each head gives to the next token: the next :meth:`lowest` returns it without ranking again. On the CPU
-that computation is one native call (:mod:`~momentkv.kernels.cpu_scoring`; results equal to the general path's
+that computation is one native call (:mod:`~momentkv.core.native_scoring`; results equal to the general path's
 up to rounding), elsewhere, or where no compiler builds it, one function of tensors (bit for bit the general
 path), which ``MOMENTKV_COMPILE_SCORING=1`` compiles with inductor (:mod:`~momentkv.core.compiled`).
 """
@@ -32,18 +32,18 @@ from momentkv.core.fused_scoring import FusedSpec, FusedStep, fused_spec
 from momentkv.core.plan import LayerPlan
 from momentkv.core.query_window import QueryWindow
 from momentkv.core.scorer_states import LayerScoring
-from momentkv.kernels import cpu_scoring
+from momentkv.core import native_scoring
 from momentkv.scoring.base import ScoreContext
 
 _FUSED: dict[FusedSpec, tuple[FusedStep, CompiledStep]] = {}  # layers with equal specs share one compiled step
-_NATIVE: dict[FusedSpec, cpu_scoring.NativeStep | None] = {}  # built on the first steady CPU step that needs one
+_NATIVE: dict[FusedSpec, native_scoring.NativeStep | None] = {}  # built on the first steady CPU step that needs one
 
 
-def _native_for(spec: FusedSpec) -> cpu_scoring.NativeStep | None:
-    if not cpu_scoring.enabled():
+def _native_for(spec: FusedSpec) -> native_scoring.NativeStep | None:
+    if not native_scoring.enabled():
         return None
     if spec not in _NATIVE:
-        _NATIVE[spec] = cpu_scoring.native_step(spec)
+        _NATIVE[spec] = native_scoring.native_step(spec)
     return _NATIVE[spec]
 
 

@@ -1,4 +1,4 @@
-"""The native CPU scoring step (momentkv/kernels/cpu_scoring.cpp) against the fused step as tensor operations.
+"""The native CPU scoring step (momentkv/kernels/native_scoring.cpp) against the fused step as tensor operations.
 
 The tensor step (``FusedStep``) is itself proven bit for bit against the general path
 (tests/test_core_fused_scoring.py). The native step performs the same float32 operations in the same order, so
@@ -25,15 +25,15 @@ import momentkv
 from momentkv.core import eviction as eviction_mod
 from momentkv.core.fused_scoring import FusedSpec, FusedStep, fused_spec
 from momentkv.core.plan import build_plans
-from momentkv.kernels import cpu_scoring
+from momentkv.core import native_scoring
 
 U = 2.0 ** -24
 KINDS = ("ema", "accumulated", "instantaneous", "recency")
 
 
-def _native(spec: FusedSpec) -> cpu_scoring.NativeStep:
-    step = cpu_scoring.native_step(spec)
-    assert step is not None, cpu_scoring.failure()
+def _native(spec: FusedSpec) -> native_scoring.NativeStep:
+    step = native_scoring.native_step(spec)
+    assert step is not None, native_scoring.failure()
     return step
 
 
@@ -184,7 +184,7 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
 
     model = tiny_model(family)
     calls = {"native": 0, "tensor": 0}
-    native_call, tensor_call = cpu_scoring.NativeStep.__call__, FusedStep.__call__
+    native_call, tensor_call = native_scoring.NativeStep.__call__, FusedStep.__call__
 
     def count_native(self, *args):
         out = native_call(self, *args)
@@ -195,7 +195,7 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
         calls["tensor"] += 1
         return tensor_call(self, *args)
 
-    monkeypatch.setattr(cpu_scoring.NativeStep, "__call__", count_native)
+    monkeypatch.setattr(native_scoring.NativeStep, "__call__", count_native)
     monkeypatch.setattr(FusedStep, "__call__", count_tensor)
     policy = momentkv.load_policy("moment.yaml").model_dump()
     policy["decode"]["budget"] = 16
@@ -207,33 +207,33 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
 
 
 def test_without_a_compiler_scoring_stays_on_the_tensor_step_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_scoring, "_library", [])
-    monkeypatch.setattr(cpu_scoring, "_failure", [])
+    monkeypatch.setattr(native_scoring, "_library", [])
+    monkeypatch.setattr(native_scoring, "_failure", [])
     monkeypatch.setattr(eviction_mod, "_NATIVE", {})
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_scoring, "_compiler", lambda: None)
+    monkeypatch.setattr(native_scoring, "_compiler", lambda: None)
     plan = build_plans(momentkv.load_policy({"name": "m", "decode": {"budget": 6, "scorers": [{"type": "ema"}]}}),
                        1, [None])[0]
     spec = fused_spec(plan)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cpu_scoring.native_step(spec) is None
-        assert cpu_scoring.native_step(spec) is None
+        assert native_scoring.native_step(spec) is None
+        assert native_scoring.native_step(spec) is None
     messages = [str(w.message) for w in caught if "native scoring step is unavailable" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
-    assert "no C++ compiler" in cpu_scoring.failure()
+    assert "no C++ compiler" in native_scoring.failure()
     assert not any(tmp_path.iterdir())
 
 
 def test_the_setting_turns_the_native_step_off(monkeypatch):
-    monkeypatch.setattr(cpu_scoring, "_SETTING", "0")
+    monkeypatch.setattr(native_scoring, "_SETTING", "0")
     spec = FusedSpec((("recency", 1.0, False, "rank", 1.0),), 0, 0, 4)
-    assert cpu_scoring.native_step(spec) is None and eviction_mod._native_for(spec) is None
+    assert native_scoring.native_step(spec) is None and eviction_mod._native_for(spec) is None
 
 
 def test_a_build_goes_to_the_cache_folder_once(monkeypatch, tmp_path):
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
-    first = cpu_scoring._build()
+    first = native_scoring._build()
     assert first.parent.parent == tmp_path and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert cpu_scoring._build() == first and first.stat().st_mtime_ns == stamp
+    assert native_scoring._build() == first and first.stat().st_mtime_ns == stamp

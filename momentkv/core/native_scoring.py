@@ -1,4 +1,4 @@
-"""The steady-state scoring step of one layer as one native call on the CPU (``cpu_scoring.cpp``).
+"""The steady-state scoring step of one layer as one native call on the CPU (``native_scoring.cpp``).
 
 Eagerly, :class:`~momentkv.core.fused_scoring.FusedStep` is about a dozen small tensor operations per layer and
 step (fold, bias correction, two ranks, their sum, protections, victim), each one dispatch of a few
@@ -67,18 +67,18 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    source = resources.files("momentkv.kernels").joinpath("cpu_scoring.cpp").read_bytes()
+    source = resources.files("momentkv.core").joinpath("native_scoring.cpp").read_bytes()
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / "kernels" / f"cpu_scoring-{digest}.so"
+    target = _cache_dir() / "kernels" / f"native_scoring-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        src = Path(work) / "cpu_scoring.cpp"
+        src = Path(work) / "native_scoring.cpp"
         src.write_bytes(source)
         built = Path(work) / target.name
         run = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
@@ -132,7 +132,7 @@ class NativeStep:
             (ctypes.c_float * n)(*(p[4] for p in spec.parts)),
         )
         self._state_addresses = (ctypes.c_int64 * max(stateful, 1))()
-        # The argument block (see cpu_scoring.cpp): constants written once, the rest at every call. One block per
+        # The argument block (see native_scoring.cpp): constants written once, the rest at every call. One block per
         # step object, so calls on one step object must not overlap (a layer's steps never do).
         self._block = (ctypes.c_int64 * 23)()
         self._block[2] = n
