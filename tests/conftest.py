@@ -14,6 +14,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 # session compiles into its own folder, so a run at one capability never meets another's kernels.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="momentkv-tests-inductor-")
 atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
+# The native scoring step builds into a session folder too, not into the user's ~/.cache.
+os.environ["MOMENTKV_CACHE_DIR"] = _NATIVE_CACHE = tempfile.mkdtemp(prefix="momentkv-tests-native-")
+atexit.register(shutil.rmtree, _NATIVE_CACHE, ignore_errors=True)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,4 +1,4 @@
-"""The native CPU scoring step (momentkv/kernels/native_scoring.cpp) against the fused step as tensor operations.
+"""The native CPU scoring step (momentkv/core/native_scoring.cpp) against the fused step as tensor operations.
 
 The tensor step (``FusedStep``) is itself proven bit for bit against the general path
 (tests/test_core_fused_scoring.py). The native step performs the same float32 operations in the same order, so
@@ -32,6 +32,9 @@ KINDS = ("ema", "accumulated", "instantaneous", "recency")
 
 
 def _native(spec: FusedSpec) -> native_scoring.NativeStep:
+    """The native step; a machine without a C++ compiler skips (where one exists, a failed build fails)."""
+    if native_scoring._compiler() is None:
+        pytest.skip("no C++ compiler on this machine: scoring runs as tensor operations")
     step = native_scoring.native_step(spec)
     assert step is not None, native_scoring.failure()
     return step
@@ -59,8 +62,7 @@ def _inputs(seed: int, b: int, h: int, t: int, prompt: int, now: int, *, ties: b
 def _steps(step, states, attention, positions, now: int, prompt: int, count: int):
     """``count`` steady steps: fold, name the victim, give its slot to the next token (state 0)."""
     trace = []
-    positions = positions.clone() if positions.stride(0) == 0 else positions
-    for _ in range(count):
+    for _ in range(count):  # the first step reads broadcast positions as given (stride 0), later ones a copy
         total, victim = step(states, attention, positions, now, prompt)
         trace.append(([s.clone() for s in states], total.clone(), victim.clone()))
         now += 1
@@ -174,8 +176,23 @@ def test_inputs_it_cannot_read_are_left_to_the_tensor_step():
     assert native([state], torch.rand(1, 8, 2).transpose(1, 2), positions, 20, 0) is None
     assert native([state], None, positions, 20, 0) is None  # the EMA needs this step's attention
     assert native([state, state], attention, positions, 20, 0) is None
-    with pytest.raises(RuntimeError, match="newer than now"):
-        native([state], attention, positions, 10, 0)  # slot positions beyond "now": not this step's
+    assert native([state], attention, positions, 10, 0) is None  # slots after "now": not this step's positions
+    assert native([state[..., :0]], attention[..., :0], positions[..., :0], 20, 0) is None  # no slot, no victim
+
+
+def test_an_alpha_that_rounds_to_one_in_float32_is_corrected_as_the_tensor_step_corrects_it():
+    alpha = 1.0 - 2.0 ** -26  # not 1 (the decayed correction), though float32 rounds it to 1
+    spec = FusedSpec((("ema", alpha, True, "none", 1.0),), 0, 0, 6)
+    g = torch.Generator().manual_seed(0)
+    state, attention = torch.rand(1, 2, 6, generator=g), torch.rand(1, 2, 6, generator=g)
+    positions = torch.arange(12).view(1, 2, 6) + 3
+    eager_state, native_state = state.clone(), state.clone()
+    total_e, _ = FusedStep(spec)([eager_state], attention, positions, 40, 3)
+    total_n, _ = _native(spec)([native_state], attention, positions, 40, 3)
+    assert torch.equal(eager_state, native_state)
+    # 1 - alpha^(age+1) is about (age+1) * 2^-26: the decayed form, not the mean's age + 1.
+    torch.testing.assert_close(total_n, total_e, rtol=1e-5, atol=0)
+    assert float(total_n.abs().min()) > 1e5
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -195,6 +212,8 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
         calls["tensor"] += 1
         return tensor_call(self, *args)
 
+    if native_scoring._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
     monkeypatch.setattr(native_scoring.NativeStep, "__call__", count_native)
     monkeypatch.setattr(FusedStep, "__call__", count_tensor)
     policy = momentkv.load_policy("moment.yaml").model_dump()
@@ -204,6 +223,28 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
         model.generate(ids, max_new_tokens=40, do_sample=False)
     layers = model.config.num_hidden_layers
     assert calls["tensor"] == 0 and calls["native"] >= layers * (40 - 16 - 2)
+
+
+def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
+    if native_scoring._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native_scoring, "_library", [])
+    monkeypatch.setattr(native_scoring, "_failure", [])
+    target = native_scoring._build()
+    target.write_bytes(b"not a shared library")
+    assert native_scoring._function() is not None and native_scoring.failure() is None
+    assert target.read_bytes() != b"not a shared library"
+
+
+def test_a_cache_folder_others_can_write_to_is_refused(monkeypatch, tmp_path):
+    if native_scoring._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels").chmod(0o777)
+    monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="only this user can write"):
+        native_scoring._build()
 
 
 def test_without_a_compiler_scoring_stays_on_the_tensor_step_with_one_warning(monkeypatch, tmp_path):
@@ -223,6 +264,11 @@ def test_without_a_compiler_scoring_stays_on_the_tensor_step_with_one_warning(mo
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
     assert "no C++ compiler" in native_scoring.failure()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_compiler_command_with_arguments_is_split_as_a_shell_would(monkeypatch):
+    monkeypatch.setenv("CXX", "env LC_ALL=C g++")
+    assert native_scoring._compiler()[1:] == ["LC_ALL=C", "g++"]
 
 
 def test_the_setting_turns_the_native_step_off(monkeypatch):

@@ -5,16 +5,19 @@
 //   1. folds this step's attention into every stateful part (ema: s = alpha * s + a; accumulated: s = s + a),
 //      in place;
 //   2. computes each part's output: recency -age, instantaneous a, the state (ema with bias correction
-//      divided by 1 - alpha^(age + 1), written -expm1((age + 1) ln alpha), or by age + 1 when alpha = 1);
+//      divided by 1 - alpha^(age + 1), written -expm1((age + 1) ln alpha), or by age + 1 when alpha = 1: the
+//      caller says which, since alpha = 1 is decided on the policy's double, not on its float32 rounding);
 //   3. normalises the parts that do not rank (none, sum, max, zscore) and sums them, weighted, in policy order;
 //      ranks the others (stable: ties keep their slot order; NaN above every number, as torch sorts) as
 //      i / (T - 1), sums the weighted ranks, and adds that sum last;
 //   4. names the victim: the first slot of the lowest total, protected slots (the sinks after the prompt and the
 //      `recent` newest, counting the token that arrives at now + 1) excluded; a NaN total is chosen first, as
 //      torch's argmin does.
-// Rounding: every operation is one float32 operation in the order torch performs it (compiled without
-// contraction into fused multiply-adds); expm1f and the order of the normalisations' sums may differ from
-// ATen's vectorised versions by rounding only.
+// Rounding: the fold, recency, the ranks, the max normalisation, the mean correction and the sums of the parts
+// are the float32 operations torch performs, in its order (compiled without contraction into fused
+// multiply-adds), so they are equal bit for bit. The decayed correction may round differently: ATen's
+// vectorised `log_alpha + log_alpha * age` is one fused multiply-add where the CPU has one (two roundings here),
+// and expm1f is not ATen's expm1; so may the sums of the sum and zscore normalisations (another order).
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +30,9 @@ namespace {
 
 enum Kind { EMA = 0, ACCUMULATED = 1, INSTANTANEOUS = 2, RECENCY = 3 };
 enum Norm { NONE = 0, SUM = 1, MAX = 2, ZSCORE = 3, RANK = 4 };
+enum Correction { UNCORRECTED = 0, MEAN = 1, DECAYED = 2 };  // none, divide by age + 1, by -expm1((age+1) ln a)
+
+const int64_t kTableAges = int64_t(1) << 20;  // ages kept per ln alpha (4 MiB); older ones are computed
 
 const float kEps = 1e-12f;
 
@@ -70,9 +76,15 @@ void normalise(float* v, int64_t t, int how) {
     for (int64_t i = 0; i < t; ++i) v[i] = v[i] / sd;
 }
 
-// expm1((age + 1) ln alpha) for ages 0, 1, ...: the bias correction's denominator depends on nothing else, so each
-// thread keeps it per ln alpha, extended as generation grows (the same float32 operations as computing it anew).
-const float* expm1_table(float log_alpha, int64_t max_age) {
+inline float decayed_denominator(float log_alpha, int64_t age) {
+    float x = log_alpha * static_cast<float>(age);
+    x = log_alpha + x;
+    return std::expm1(x);
+}
+
+// decayed_denominator for ages 0, 1, ... (at most kTableAges of them): it depends on nothing else, so each thread
+// keeps it per ln alpha, extended as generation grows.
+const std::vector<float>& expm1_table(float log_alpha, int64_t max_age) {
     thread_local std::vector<std::pair<float, std::vector<float>>> tables;
     std::vector<float>* table = nullptr;
     for (auto& entry : tables) {
@@ -82,12 +94,11 @@ const float* expm1_table(float log_alpha, int64_t max_age) {
         tables.emplace_back(log_alpha, std::vector<float>());
         table = &tables.back().second;
     }
-    for (int64_t age = static_cast<int64_t>(table->size()); age <= max_age; ++age) {
-        float x = log_alpha * static_cast<float>(age);
-        x = log_alpha + x;
-        table->push_back(std::expm1(x));
+    const int64_t last = std::min(max_age, kTableAges - 1);
+    for (int64_t age = static_cast<int64_t>(table->size()); age <= last; ++age) {
+        table->push_back(decayed_denominator(log_alpha, age));
     }
-    return table->data();
+    return *table;
 }
 
 // 0, 1/(T-1), ..., 1 as torch computes them (arange, then one float32 division).
@@ -101,11 +112,12 @@ const float* rank_steps(int64_t t) {
     return steps.data();
 }
 
-// Returns 0; 1 when a part's kind or normalisation is unknown, 2 when a bias-corrected part meets a slot younger
-// than 0 or older than 2^24 steps (positions that are not this step's): nothing is written then.
+// Returns 0; 1 when a part's kind, correction or normalisation is unknown, 2 when a slot's position is after
+// `now` (positions that are not this step's): nothing is written then.
 //   rows, t                 rows = batch * kv_heads, t = evictable slots per row
 //   parts                   number of scorers; kinds/alphas/log_alphas/corrected/norms/weights: one entry each
-//                           (log_alphas: ln alpha rounded to float32 from double, as torch rounds a scalar)
+//                           (log_alphas: ln alpha rounded to float32 from double, as torch rounds a scalar;
+//                           corrected: a Correction)
 //   states                  one float32 (rows, t) pointer per ema/accumulated part, in part order; updated in place
 //   heads                   kv heads per batch row: row r is (r / heads, r % heads)
 //   attention               float32 (batch, heads, t), or null when no part reads it
@@ -120,20 +132,16 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
                        const int64_t* positions, const int64_t* positions_strides, int64_t now,
                        int64_t prompt_tokens, int64_t sinks, int64_t recent, float* total, int64_t* victim) {
     auto row_of = [heads](int64_t r, const int64_t* strides) { return (r / heads) * strides[0] + (r % heads) * strides[1]; };
-    bool any_corrected = false;
     for (int64_t p = 0; p < parts; ++p) {
         if (kinds[p] < EMA || kinds[p] > RECENCY || norms[p] < NONE || norms[p] > RANK) return 1;
-        any_corrected = any_corrected || (kinds[p] == EMA && corrected[p] && alphas[p] != 1.0f);
+        if (corrected[p] < UNCORRECTED || corrected[p] > DECAYED) return 1;
     }
     int64_t max_age = 0;
-    if (any_corrected) {
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t* pos = positions + row_of(r, positions_strides);
-            for (int64_t i = 0; i < t; ++i) {
-                const int64_t a = now - pos[i];
-                if (a < 0 || a > (int64_t(1) << 24)) return 2;
-                max_age = std::max(max_age, a);
-            }
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t* pos = positions + row_of(r, positions_strides);
+        for (int64_t i = 0; i < t; ++i) {
+            if (pos[i] > now) return 2;
+            max_age = std::max(max_age, now - pos[i]);
         }
     }
     const float* steps = rank_steps(t);
@@ -163,12 +171,15 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
                     s[i] = v;
                     out[i] = v;
                 }
-                if (kind == EMA && corrected[p]) {
-                    if (alpha == 1.0f) {
-                        for (int64_t i = 0; i < t; ++i) out[i] = out[i] / (age[i] + 1.0f);
-                    } else {
-                        const float* denominator = expm1_table(log_alphas[p], max_age);
-                        for (int64_t i = 0; i < t; ++i) out[i] = -(out[i] / denominator[now - pos[i]]);
+                if (kind == EMA && corrected[p] == MEAN) {
+                    for (int64_t i = 0; i < t; ++i) out[i] = out[i] / (age[i] + 1.0f);
+                } else if (kind == EMA && corrected[p] == DECAYED) {
+                    const std::vector<float>& table = expm1_table(log_alphas[p], max_age);
+                    const int64_t held = static_cast<int64_t>(table.size());
+                    for (int64_t i = 0; i < t; ++i) {
+                        const int64_t a = now - pos[i];  // read again: checked against the table, not trusted
+                        const float d = (a >= 0 && a < held) ? table[a] : decayed_denominator(log_alphas[p], a);
+                        out[i] = -(out[i] / d);
                     }
                 }
             }
@@ -226,9 +237,11 @@ extern "C" {
 //                 positions, now, prompt_tokens, sinks, recent, total, victim (pointers as addresses, 0 = null)
 //   block[18..22] heads, attention's strides over batch and heads, positions' strides over batch and heads
 //   states        the address of an array of one address per stateful part
-int momentkv_fused_scoring_call(const int64_t* block) {
+// Returns fused_scoring_step's status, or 3 when it threw (memory): no C++ exception crosses into the caller.
+int momentkv_fused_scoring_call(const int64_t* block) noexcept {
     auto at = [&](int i) { return reinterpret_cast<void*>(static_cast<intptr_t>(block[i])); };
-    return fused_scoring_step(block[0], block[1], block[2], static_cast<const int32_t*>(at(3)),
+    try {
+        return fused_scoring_step(block[0], block[1], block[2], static_cast<const int32_t*>(at(3)),
                               static_cast<const float*>(at(4)), static_cast<const float*>(at(5)),
                               static_cast<const int32_t*>(at(6)), static_cast<const int32_t*>(at(7)),
                               static_cast<const float*>(at(8)), static_cast<float* const*>(at(9)), block[18],
@@ -236,6 +249,9 @@ int momentkv_fused_scoring_call(const int64_t* block) {
                               block + 21, block[12],
                               block[13], block[14], block[15], static_cast<float*>(at(16)),
                               static_cast<int64_t*>(at(17)));
+    } catch (...) {
+        return 3;
+    }
 }
 
 }  // extern "C"

@@ -23,6 +23,8 @@ import ctypes
 import hashlib
 import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,10 +56,15 @@ def failure() -> str | None:
     return _failure[0] if _failure else None
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` (words split as a shell would, so ``ccache g++`` works), else the first
+    of ``c++``, ``g++``, ``clang++`` on the path."""
+    words = shlex.split(os.environ.get("CXX", ""))
+    if words and shutil.which(words[0]):
+        return [shutil.which(words[0]), *words[1:]]
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
@@ -66,26 +73,37 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "momentkv"
 
 
-def _build() -> Path:
+def _private_folder(path: Path) -> Path:
+    """``path``, made if missing (owner only), refused unless this user owns it and no one else may write in it:
+    a library loaded from a folder others can write to would run their code."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise RuntimeError(f"{path} is not a folder only this user can write to")
+    return path
+
+
+def _build(rebuild: bool = False) -> Path:
+    """The shared library for this source, compiler and machine: the cached one, or a new build."""
     source = resources.files("momentkv.core").joinpath("native_scoring.cpp").read_bytes()
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / "kernels" / f"native_scoring-{digest}.so"
-    if target.is_file():
+    about = [subprocess.run([*compiler, flag], capture_output=True, text=True, timeout=60).stdout
+             for flag in ("--version", "-dumpmachine")]
+    key = b"\0".join([source, *(a.encode() for a in about), platform.machine().encode(), " ".join(_FLAGS).encode()])
+    target = _private_folder(_cache_dir() / "kernels") / f"native_scoring-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if target.is_file() and not rebuild:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         src = Path(work) / "native_scoring.cpp"
         src.write_bytes(source)
         built = Path(work) / target.name
-        run = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
+        run = subprocess.run([*compiler, *_FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
                              timeout=300)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{Path(compiler).name} failed: {last}")
+            raise RuntimeError(f"{Path(compiler[0]).name} failed: {last}")
         os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
     return target
 
@@ -97,7 +115,12 @@ def _function():
     with _lock:
         if not _library:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                if ctypes.sizeof(ctypes.c_void_p) != 8:
+                    raise RuntimeError("the argument block holds 64-bit addresses; this Python's are not")
+                try:
+                    lib = ctypes.CDLL(str(_build()))
+                except OSError:  # a damaged or foreign file under the expected name: built again, once
+                    lib = ctypes.CDLL(str(_build(rebuild=True)))
                 fn = lib.momentkv_fused_scoring_call
                 fn.argtypes = [ctypes.c_void_p]
                 fn.restype = ctypes.c_int
@@ -109,6 +132,14 @@ def _function():
                               f"as tensor operations (same results up to rounding, slower). Set {ENV}=0 to skip "
                               "the attempt.", RuntimeWarning, stacklevel=4)
     return _library[0]
+
+
+def _correction(part) -> int:
+    """0: none; 1: the mean (alpha = 1, decided on the double, as the tensor step decides); 2: decayed."""
+    kind, alpha, corrected = part[:3]
+    if kind != "ema" or not corrected:
+        return 0
+    return 1 if alpha == 1.0 else 2
 
 
 class NativeStep:
@@ -127,7 +158,7 @@ class NativeStep:
             (ctypes.c_int32 * n)(*(_KINDS[p[0]] for p in spec.parts)),
             (ctypes.c_float * n)(*(p[1] for p in spec.parts)),
             (ctypes.c_float * n)(*(math.log(p[1]) for p in spec.parts)),
-            (ctypes.c_int32 * n)(*(int(p[2]) for p in spec.parts)),
+            (ctypes.c_int32 * n)(*(_correction(p) for p in spec.parts)),
             (ctypes.c_int32 * n)(*(_NORMS[p[3]] for p in spec.parts)),
             (ctypes.c_float * n)(*(p[4] for p in spec.parts)),
         )
@@ -145,18 +176,18 @@ class NativeStep:
     @staticmethod
     def _takes(tensor: torch.Tensor, dtype: torch.dtype, shape) -> bool:
         """A CPU tensor of ``shape`` whose rows are contiguous (any strides over batch and heads, 0 included)."""
-        return (tensor.dtype == dtype and tensor.shape == shape and tensor.device.type == "cpu"
-                and (tensor.stride(-1) == 1 or shape[-1] <= 1) and tensor.storage_offset() >= 0)
+        return (tensor.layout == torch.strided and tensor.dtype == dtype and tensor.shape == shape
+                and tensor.device.type == "cpu" and (tensor.stride(-1) == 1 or shape[-1] <= 1))
 
     @staticmethod
     def _owned(tensor: torch.Tensor, shape) -> bool:
         """A state: contiguous float32 CPU ``shape`` (written in place, so no broadcast rows)."""
-        return (tensor.dtype == torch.float32 and tensor.shape == shape and tensor.device.type == "cpu"
-                and tensor.is_contiguous())
+        return (tensor.layout == torch.strided and tensor.dtype == torch.float32 and tensor.shape == shape
+                and tensor.device.type == "cpu" and tensor.is_contiguous())
 
     def __call__(self, states, attention, positions, now: int, prompt_tokens: int):
         shape = positions.shape
-        if (len(shape) != 3 or not self._takes(positions, torch.int64, shape)
+        if (len(shape) != 3 or shape[-1] == 0 or not self._takes(positions, torch.int64, shape)
                 or len(states) != len(self.spec.stateful) or not all(self._owned(s, shape) for s in states)):
             return None
         if attention is None:
@@ -180,10 +211,11 @@ class NativeStep:
             if attention is not None:
                 block[19], block[20] = attention.stride(0), attention.stride(1)
             status = self._fn(block)
-        if status != 0:
-            raise RuntimeError(f"momentkv: the native scoring step refused its input (status {status}: "
-                               f"{'unknown part' if status == 1 else 'a slot newer than now or older than 2^24 steps'})")
-        return total, victim
+        if status == 1:
+            raise RuntimeError(f"momentkv: the native scoring step does not know a part of {self.spec}")
+        # 2: a slot after `now` (not this step's positions); 3: out of memory. Nothing was written: the tensor
+        # step takes this call.
+        return None if status else (total, victim)
 
 
 def native_step(spec) -> NativeStep | None:
