@@ -111,3 +111,21 @@ def test_budget_override_scales_protections():
     assert with_budget(load_policy("full.yaml"), 8).decode is None
     labels = [c.label for c in build_configs(["full.yaml", "tova.yaml"], [8, 16])]
     assert labels == ["full", "tova@8", "tova@16"]
+
+
+def test_mcnemar_exact_p_values_are_the_binomial_tail():
+    from momentkv.eval.aggregate import mcnemar
+
+    # 6 units only a passes, 1 only b: 2 * P[Bin(7, 1/2) <= 1] = 2 * 8/128.
+    a = np.array([1, 1, 1, 1, 1, 1, 0, 1, 0, 1.0])
+    b = np.array([0, 0, 0, 0, 0, 0, 1, 1, 0, 1.0])
+    test = mcnemar(a, b)
+    assert (test.only_a, test.only_b, test.n) == (6, 1, 10)
+    assert test.p == pytest.approx(16 / 128, rel=1e-12)
+    assert mcnemar(b, a).p == test.p and (mcnemar(b, a).only_a, mcnemar(b, a).only_b) == (1, 6)
+    # Balanced discordance is p = 1; no discordance is p = 1; a NaN unit is left out.
+    assert mcnemar(np.array([1, 0.0]), np.array([0, 1.0])).p == 1.0
+    assert mcnemar(np.ones(5), np.ones(5)).p == 1.0
+    assert mcnemar(np.array([1, np.nan, 1.0]), np.array([0, 1, 0.0])).n == 2
+    # 12 to 0 is significant at 0.001 (2 / 4096).
+    assert mcnemar(np.ones(12), np.zeros(12)).p == pytest.approx(2 / 4096)

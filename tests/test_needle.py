@@ -171,6 +171,24 @@ def test_summary_has_intervals_and_the_difference_to_the_full_cache():
     assert summary["recency@8"]["logprob_low"] <= -6.5 <= summary["recency@8"]["logprob_high"]
     table = needle.markdown_summary(list(summary.values()))
     assert "| full | 16 | 4 | 0.50 [" in table and "| recency@8 | 16 | 4 |" in table
+    # Paired exact match: the same instances pass under both (0/0 discordant), against the full cache only.
+    assert summary["recency@8"]["exact_vs_full_p"] == 1.0 and summary["recency@8"]["exact_vs_recency_p"] is None
+    assert summary["full"]["exact_vs_full_p"] is None
+
+
+def test_summary_tests_exact_match_against_recency_on_the_same_instances():
+    rows = []
+    for label, passes in (("full", range(10)), ("recency@8", ()), ("h2o@8", range(7))):
+        for i in range(10):
+            rows.append({"policy": label, "budget": None if label == "full" else 8, "distance": 16,
+                         "instance": f"i{i}", "logprob": -1.0, "exact": i in passes, "evicted": True})
+    summary = {s["policy"]: s for s in needle.summarize(rows, seed=0)}
+    h2o = summary["h2o@8"]
+    assert (h2o["exact_vs_recency_only_policy"], h2o["exact_vs_recency_only_other"]) == (7, 0)
+    assert h2o["exact_vs_recency_p"] == pytest.approx(2 / 128)
+    assert (h2o["exact_vs_full_only_policy"], h2o["exact_vs_full_only_other"]) == (0, 3)
+    assert "| h2o@8 | 16 | 10 |" in needle.markdown_summary(list(summary.values()))
+    assert "7/0, p=0.016" in needle.markdown_summary(list(summary.values()))
 
 
 @pytest.fixture

@@ -62,6 +62,37 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int) -> Estimate:
     return bootstrap(a[both] - b[both], seed)
 
 
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test of two pass/fail outcomes on the same units."""
+
+    only_a: int  # units ``a`` passes and ``b`` fails
+    only_b: int
+    n: int  # units with both outcomes
+    p: float  # two-sided exact p-value (1.0 when no unit is discordant)
+
+    def fmt(self) -> str:
+        return f"{self.only_a}/{self.only_b}, p={self.p:.2g}" if self.n else "—"
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> PairedTest:
+    """McNemar's exact test of paired booleans ``a`` and ``b`` (NaN where a unit lacks one; left out).
+
+    Under the null hypothesis that both pass equally often, each discordant unit is ``a``'s with probability 1/2,
+    so the p-value is the two-sided binomial tail ``min(1, 2 P[X <= min(only_a, only_b)])``, ``X ~ Bin(d, 1/2)``
+    with ``d`` the discordant units (McNemar 1947; the exact form, which small samples need).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[both] > 0.5, b[both] > 0.5
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    d = only_a + only_b
+    if d == 0:
+        return PairedTest(only_a, only_b, int(a.size), 1.0)
+    tail = sum(math.comb(d, k) for k in range(min(only_a, only_b) + 1)) / 2.0 ** d
+    return PairedTest(only_a, only_b, int(a.size), min(1.0, 2.0 * tail))
+
+
 def relative_difference(a: np.ndarray, b: np.ndarray, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> Estimate:
     """``mean(a) / mean(b) - 1`` over paired prompts, with a bootstrap interval resampling prompts jointly."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

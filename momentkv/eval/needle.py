@@ -354,42 +354,62 @@ def instance_dicts(instances: list[NeedleInstance]) -> list[dict]:
 
 def summarize(rows: list[dict], seed: int = 0) -> list[dict]:
     """One line per (policy, distance): exact match and answer log-probability over instances, each with its
-    95% bootstrap interval (instances resampled, :func:`momentkv.eval.aggregate.bootstrap`), and the paired
-    difference of the log-probability to the full cache's on the same instances."""
+    95% bootstrap interval (instances resampled, :func:`momentkv.eval.aggregate.bootstrap`), the paired
+    difference of the log-probability to the full cache's on the same instances, and McNemar's exact test of
+    the instances' exact matches against the full cache's and against ``recency@<budget>``'s where that ran
+    (:func:`momentkv.eval.aggregate.mcnemar`)."""
     import numpy as np
 
-    from momentkv.eval.aggregate import bootstrap, paired_difference
+    from momentkv.eval.aggregate import bootstrap, mcnemar, paired_difference
 
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["policy"], row["distance"]), []).append(row)
-    full = {d: {r["instance"]: r["logprob"] for r in g} for (label, d), g in groups.items() if label == FULL_LABEL}
+    by_instance = {key: {r["instance"]: r for r in g} for key, g in groups.items()}
     out = []
     for (label, distance), group in groups.items():
         exact = bootstrap(np.array([float(r["exact"]) for r in group]), seed)
         logprob = bootstrap(np.array([r["logprob"] for r in group]), seed)
-        base = full.get(distance, {})
-        paired = [(r["logprob"], base[r["instance"]]) for r in group if r["instance"] in base]
+        base = by_instance.get((FULL_LABEL, distance), {})
+        paired = [(r["logprob"], base[r["instance"]]["logprob"]) for r in group if r["instance"] in base]
         diff = paired_difference(np.array([a for a, _ in paired]), np.array([b for _, b in paired]), seed)
-        out.append({"policy": label, "budget": group[0]["budget"], "distance": distance, "n": len(group),
-                     "exact": exact.mean, "exact_low": exact.low, "exact_high": exact.high,
-                     "logprob": logprob.mean, "logprob_low": logprob.low, "logprob_high": logprob.high,
-                     "logprob_vs_full": diff.mean, "logprob_vs_full_low": diff.low, "logprob_vs_full_high": diff.high,
-                     "evicted": sum(bool(r["evicted"]) for r in group) / len(group)})
+        line = {"policy": label, "budget": group[0]["budget"], "distance": distance, "n": len(group),
+                "exact": exact.mean, "exact_low": exact.low, "exact_high": exact.high,
+                "logprob": logprob.mean, "logprob_low": logprob.low, "logprob_high": logprob.high,
+                "logprob_vs_full": diff.mean, "logprob_vs_full_low": diff.low, "logprob_vs_full_high": diff.high,
+                "evicted": sum(bool(r["evicted"]) for r in group) / len(group)}
+        others = {"full": FULL_LABEL, "recency": f"recency@{group[0]['budget']}"}
+        for name, other_label in others.items():
+            other = by_instance.get((other_label, distance), {})
+            pairs = [(float(r["exact"]), float(other[r["instance"]]["exact"])) for r in group if r["instance"] in other]
+            test = mcnemar(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])) if (
+                pairs and other_label != label) else None
+            line[f"exact_vs_{name}_only_policy"] = None if test is None else test.only_a
+            line[f"exact_vs_{name}_only_other"] = None if test is None else test.only_b
+            line[f"exact_vs_{name}_p"] = None if test is None else test.p
+        out.append(line)
     return out
 
 
+def _paired_cell(line: dict, name: str) -> str:
+    if line.get(f"exact_vs_{name}_p") is None:
+        return "—"
+    return (f"{line[f'exact_vs_{name}_only_policy']}/{line[f'exact_vs_{name}_only_other']}, "
+            f"p={line[f'exact_vs_{name}_p']:.2g}")
+
+
 def markdown_summary(summary: list[dict]) -> str:
-    """The summary as a Markdown table, one line per policy and distance."""
+    """The summary as a Markdown table, one line per policy and distance. The paired columns give, for exact
+    match, the instances only this policy recalls / only the other does, and McNemar's exact p-value."""
     lines = ["| policy | distance D | instances | exact match [95% CI] | answer log-prob [95% CI] | "
-             "log-prob − full cache [95% CI] | evicted by the answer |",
-             "|---|---:|---:|---|---|---|---:|"]
+             "log-prob − full cache [95% CI] | exact vs full cache | exact vs recency | evicted by the answer |",
+             "|---|---:|---:|---|---|---|---|---|---:|"]
     for s in sorted(summary, key=lambda s: (s["policy"] != FULL_LABEL, s["budget"] or 0, s["policy"], s["distance"])):
         vs_full = ("—" if s["policy"] == FULL_LABEL else
                    f"{s['logprob_vs_full']:+.2f} [{s['logprob_vs_full_low']:+.2f}, {s['logprob_vs_full_high']:+.2f}]")
         lines.append(f"| {s['policy']} | {s['distance']} | {s['n']} | {s['exact']:.2f} [{s['exact_low']:.2f}, "
                      f"{s['exact_high']:.2f}] | {s['logprob']:.2f} [{s['logprob_low']:.2f}, {s['logprob_high']:.2f}] "
-                     f"| {vs_full} | {s['evicted']:.0%} |")
+                     f"| {vs_full} | {_paired_cell(s, 'full')} | {_paired_cell(s, 'recency')} | {s['evicted']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
