@@ -1,15 +1,17 @@
-"""The three ways a steady-state decode step can score, timed inside a real generation.
+"""The four ways a steady-state decode step can score, timed inside a real generation.
 
 SmolLM2-135M-Instruct, budget 128, greedy, ``N`` new tokens (default 400), batch 1, the run order alternating
 over ``REPEATS`` rounds (default 2); for each run: tokens/s and the time split of ``momentkv bench`` (update,
 attention, observe: shares of the wall time of generate, summed over layers).
 
 - ``general``: the scorers, the score record and the ranking as objects (the fused step switched off);
-- ``fused``: the fused step of ``momentkv/core/fused_scoring.py`` run eagerly (the default);
-- ``fused+compiled``: the same function compiled by inductor (``MOMENTKV_COMPILE_SCORING=1``); its compilation
+- ``fused``: the fused step of ``momentkv/core/fused_scoring.py`` as tensor operations, run eagerly
+  (``MOMENTKV_NATIVE_SCORING=0``);
+- ``native``: the same step as one C++ call (``momentkv/core/native_scoring.py``; the default on the CPU);
+- ``fused+compiled``: the tensor step compiled by inductor (``MOMENTKV_COMPILE_SCORING=1``); its compilation
   happens in an untimed warm-up generation, whose compile time is printed;
 
-with ``recency.yaml`` and ``full.yaml`` beside them. First, the same three paths alone: one layer's fold and
+with ``recency.yaml`` (its native step) and ``full.yaml`` beside them. First, the same paths alone: one layer's fold and
 next victim at SmolLM2's shape (1 row, 3 KV heads, 128 slots, random attention), microseconds per step, the
 median of 5 blocks of 2,000 steps. Usage::
 
@@ -28,18 +30,19 @@ import statistics
 import momentkv
 from momentkv.bench.runner import run_once
 from momentkv.cli.bench_cmd import DEFAULT_PROMPT
-from momentkv.core import compiled, eviction
+from momentkv.core import compiled, eviction, native_scoring
 from momentkv.core.plan import build_plans
 from momentkv.models import load
 from momentkv.scoring.base import ScoreContext
 
 MODES = (("full", "full.yaml"), ("recency", "recency.yaml"), ("general", "moment.yaml"), ("fused", "moment.yaml"),
-         ("fused+compiled", "moment.yaml"))
+         ("native", "moment.yaml"), ("fused+compiled", "moment.yaml"))
 
 
 def _mode(name: str, spec_of) -> None:
     eviction.fused_spec = (lambda plan: None) if name == "general" else spec_of
     compiled._SETTING = "1" if name == "fused+compiled" else "0"
+    native_scoring._SETTING = "1" if name in ("native", "recency", "full") else "0"
 
 
 def alone(spec_of, heads: int = 3, slots: int = 128, prompt: int = 84) -> None:
@@ -48,7 +51,7 @@ def alone(spec_of, heads: int = 3, slots: int = 128, prompt: int = 84) -> None:
     g = torch.Generator().manual_seed(0)
     attention = torch.rand(1, heads, slots, generator=g).softmax(-1)
     print("| path (one layer alone) | µs per step |\n|---|---|")
-    for name in ("general", "fused", "fused+compiled"):
+    for name in ("general", "fused", "native", "fused+compiled"):
         _mode(name, spec_of)
         layer = eviction.LayerEviction(plan)
         layer.scoring.start(1, heads, slots, "cpu")
@@ -88,7 +91,7 @@ def main(new_tokens: int = 400, repeats: int = 2) -> None:
             shares = [x / r.seconds for x in (r.update_s, r.attention_s, r.observe_s)]
             print(f"| {round_ + 1} | {name} | {r.tokens_per_s:.2f} | {r.seconds / new_tokens * 1e3:.1f} | "
                   + " | ".join(f"{x:.1%}" for x in shares) + f" | {shares[0] + shares[2]:.1%} |", flush=True)
-    _mode("fused", spec_of)
+    _mode("native", spec_of)
 
 
 if __name__ == "__main__":
