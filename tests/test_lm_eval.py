@@ -278,7 +278,7 @@ def test_importing_momentkv_and_its_cli_does_not_import_lm_eval():
 
 
 def test_shipped_tasks_are_indexed_and_their_files_exist(tasks):
-    assert {"momentkv_long", "momentkv_count", "momentkv_recall", "momentkv_tally"} <= set(tasks.all_tasks)
+    assert {"momentkv_long", "momentkv_count", "momentkv_recall", "momentkv_recall_far", "momentkv_tally"} <= set(tasks.all_tasks)
     for name in ("count", "recall", "tally"):
         lines = (TASKS_DIR / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == 40 and all(json.loads(line)["prompt"] for line in lines)

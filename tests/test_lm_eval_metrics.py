@@ -62,3 +62,18 @@ def test_targets_agree_with_the_rules():
     assert tally["target"].endswith(f"Total: {len(tally['words'])} words")
     assert f"Words: {', '.join(tally['words'])}\n" in tally["prompt"]
     assert len(set(tally["words"])) == len(tally["words"])  # distinct words: the next one is unambiguous
+
+
+def test_recall_far_asks_for_one_group_about_240_tokens_back():
+    doc = _first("recall_far")
+    assert doc["groups"] == 1 and doc["count_to"] == 80
+    count = " ".join(str(i) for i in range(1, 81))
+    good = f" 4821\nCount: {count}\nCode again: 4821"
+    assert score_recall(doc, [good]) == {"exact": 1.0, "groups_recalled": 1.0}
+    assert score_recall(doc, [good.replace("again: 4821", "again: 4812")]) == {"exact": 0.0, "groups_recalled": 0.0}
+    assert score_recall(doc, [good.replace(" 4821\n", " 4821 1111\n", 1)])["exact"] == 0.0  # two groups
+    copied = good.replace("4821", doc["demo_codes"][0])
+    assert score_recall(doc, [copied])["exact"] == 0.0
+    # The count between the code and its repetition is the distance: 80 numbers.
+    assert doc["prompt"].count(f"Count: {count}\nCode again:") == 3
+    assert all(len(code) == 4 and code.isdigit() for code in doc["demo_codes"])

@@ -8,6 +8,8 @@ with the full cache), and each stresses eviction differently:
   line needs the one before it, so the newest tokens must stay;
 - ``recall``: invent a code, count to 60, then write the code again: the code exists only in the model's own
   earlier output, so a cache that dropped it cannot repeat it;
+- ``recall_far``: the same with a code of one four-digit group and a count to 80, so the code lies about 240
+  tokens back when it is due (past 200), in a form the model copies reliably with the full cache;
 - ``tally``: number the words of a list one per line, then count them on a final ``Total:`` line: each line
   copies the next word from the prompt, found by the word the model wrote last.
 
@@ -25,6 +27,7 @@ DOCS_PER_TASK = 40
 COUNT_LINES, COUNT_GIVEN = 30, 3
 COUNT_STEPS = (1, 2, 5, 10)  # steps a 135M model can keep; +3 or +7 drift within a few lines
 RECALL_GROUPS, RECALL_COUNT_TO, RECALL_DEMOS = 4, 60, 3
+RECALL_FAR_GROUPS, RECALL_FAR_COUNT_TO = 1, 80
 TALLY_WORDS = (18, 26)
 WORDS = (
     "apple anchor badge basket bell bicycle blanket bottle bridge brush bucket button cabin camera candle "
@@ -59,19 +62,22 @@ def count_doc(rng: random.Random) -> dict:
             "lines": COUNT_LINES, "given": COUNT_GIVEN, "answer": [start + i * step for i in range(COUNT_LINES)]}
 
 
-def _code(rng: random.Random) -> str:
-    return " ".join(f"{rng.randint(1000, 9999)}" for _ in range(RECALL_GROUPS))
+def _code(rng: random.Random, groups: int) -> str:
+    return " ".join(f"{rng.randint(1000, 9999)}" for _ in range(groups))
 
 
-def recall_doc(rng: random.Random) -> dict:
-    count = " ".join(str(i) for i in range(1, RECALL_COUNT_TO + 1))
-    codes = [_code(rng) for _ in range(RECALL_DEMOS)]
+def recall_doc(rng: random.Random, groups: int = RECALL_GROUPS, count_to: int = RECALL_COUNT_TO) -> dict:
+    count = " ".join(str(i) for i in range(1, count_to + 1))
+    codes = [_code(rng, groups) for _ in range(RECALL_DEMOS)]
     demos = [f"Code: {code}\nCount: {count}\nCode again: {code}" for code in codes]
     # The next code is chosen by the model: only its own output holds it when "Code again:" is due.
     prompt = "\n\n".join(demos) + "\n\nCode:"
-    target = f"(a code of {RECALL_GROUPS} four-digit groups)\nCount: {count}\nCode again: (the same code)"
-    return {"prompt": prompt, "target": target, "groups": RECALL_GROUPS, "count_to": RECALL_COUNT_TO,
-            "demo_codes": codes}
+    target = f"(a code of {groups} four-digit groups)\nCount: {count}\nCode again: (the same code)"
+    return {"prompt": prompt, "target": target, "groups": groups, "count_to": count_to, "demo_codes": codes}
+
+
+def recall_far_doc(rng: random.Random) -> dict:
+    return recall_doc(rng, RECALL_FAR_GROUPS, RECALL_FAR_COUNT_TO)
 
 
 def _tally_block(words: list[str]) -> str:
@@ -91,7 +97,7 @@ def tally_doc(rng: random.Random) -> dict:
     return {"prompt": prompt, "target": _tally_block(words), "words": words}
 
 
-MAKERS = {"count": count_doc, "recall": recall_doc, "tally": tally_doc}
+MAKERS = {"count": count_doc, "recall": recall_doc, "tally": tally_doc, "recall_far": recall_far_doc}
 
 
 def main() -> None:
