@@ -40,7 +40,9 @@ def enabled(device: torch.device | str) -> bool:
     ``MOMENTKV_COMPILE_SCORING=1`` compiles on every device, ``0`` on none; ``auto`` (the default) compiles
     only where it measured faster than the eager step. On this project's CPU it measured slower inside a
     generation (docs/performance.md: each call pays dynamo's guards and wrapper, about as much as the dozen
-    operations it replaces), and it has not been measured on CUDA, so ``auto`` compiles nowhere for now.
+    operations it replaces), and it has not been measured on CUDA, so ``auto`` compiles nowhere for now. On
+    the CPU the step runs natively by default (:mod:`~momentkv.core.native_scoring`); setting this to ``1``
+    takes precedence over that.
     """
     if _failed or _SETTING in ("0", "false", "off", "no", "auto"):
         return False
