@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <limits>
 #include <vector>
 
@@ -83,9 +84,10 @@ inline float decayed_denominator(float log_alpha, int64_t age) {
 }
 
 // decayed_denominator for ages 0, 1, ... (at most kTableAges of them): it depends on nothing else, so each thread
-// keeps it per ln alpha, extended as generation grows.
+// keeps it per ln alpha, extended as generation grows. A deque: a table made for another alpha leaves the
+// references already handed out valid.
 const std::vector<float>& expm1_table(float log_alpha, int64_t max_age) {
-    thread_local std::vector<std::pair<float, std::vector<float>>> tables;
+    thread_local std::deque<std::pair<float, std::vector<float>>> tables;
     std::vector<float>* table = nullptr;
     for (auto& entry : tables) {
         if (entry.first == log_alpha) table = &entry.second;
@@ -144,7 +146,13 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
             max_age = std::max(max_age, now - pos[i]);
         }
     }
+    // Everything that allocates comes before the first write, so that a failed allocation (status 3) leaves the
+    // states as they were: the rank steps, the decayed parts' tables, the row buffers.
     const float* steps = rank_steps(t);
+    std::vector<const std::vector<float>*> decayed(static_cast<size_t>(parts), nullptr);
+    for (int64_t p = 0; p < parts; ++p) {
+        if (kinds[p] == EMA && corrected[p] == DECAYED) decayed[p] = &expm1_table(log_alphas[p], max_age);
+    }
     std::vector<float> out(static_cast<size_t>(t)), rank_sum(static_cast<size_t>(t)), age(static_cast<size_t>(t));
     std::vector<uint64_t> order(static_cast<size_t>(t));
     const float inf = std::numeric_limits<float>::infinity();
@@ -174,7 +182,7 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
                 if (kind == EMA && corrected[p] == MEAN) {
                     for (int64_t i = 0; i < t; ++i) out[i] = out[i] / (age[i] + 1.0f);
                 } else if (kind == EMA && corrected[p] == DECAYED) {
-                    const std::vector<float>& table = expm1_table(log_alphas[p], max_age);
+                    const std::vector<float>& table = *decayed[p];
                     const int64_t held = static_cast<int64_t>(table.size());
                     for (int64_t i = 0; i < t; ++i) {
                         const int64_t a = now - pos[i];  // read again: checked against the table, not trusted

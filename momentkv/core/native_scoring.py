@@ -6,15 +6,16 @@ microseconds on tensors of a few hundred elements. On the CPU the same arithmeti
 over the rows ``(batch * kv_heads)``, called through :mod:`ctypes`: one call per layer and step.
 
 The shared library is built on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``),
-once per source and compiler, into ``$MOMENTKV_CACHE_DIR`` (default ``~/.cache/momentkv``) under a name holding
-the source's hash, and loaded from there afterwards (a build is about a second). Where it cannot be built or
-loaded (no compiler, a read-only cache), :func:`native_step` warns once and returns ``None``, and scoring stays
-on the eager step: the same results up to rounding.
+once per source, compiler and machine, into ``$MOMENTKV_CACHE_DIR`` (default ``~/.cache/momentkv``) under a name
+holding their hash, and loaded from there afterwards (a build takes well under a second). Where it cannot be
+built or loaded (no compiler, a read-only cache), :func:`native_step` warns once and returns ``None``, and
+scoring stays on the eager step: the same results up to rounding.
 
-Rounding: every operation is the float32 operation torch performs, in the same order, built without contraction
-into fused multiply-adds; ``expm1f`` and the sums of the ``sum``/``max``/``zscore`` normalisations may round
-differently from ATen's vectorised code, so results agree with the eager step within rounding (the tests
-bound it), not bit for bit. ``MOMENTKV_NATIVE_SCORING=0`` turns the native step off.
+Rounding: the fold, recency, the ranks, ``max``, the mean correction and the weighted sums are the float32
+operations torch performs, in its order (built without contraction into fused multiply-adds), so they are equal
+bit for bit; the decayed bias correction (``expm1f``, and no fused multiply-add where ATen uses one) and the
+sums of ``sum`` and ``zscore`` may round differently (the tests bound them). ``MOMENTKV_NATIVE_SCORING=0``
+turns the native step off.
 """
 
 from __future__ import annotations
