@@ -31,10 +31,14 @@ U = 2.0 ** -24
 KINDS = ("ema", "accumulated", "instantaneous", "recency")
 
 
-def _native(spec: FusedSpec) -> native_scoring.NativeStep:
-    """The native step; a machine without a C++ compiler skips (where one exists, a failed build fails)."""
+def _needs_compiler() -> None:
+    """A machine without a C++ compiler skips (where one exists, a failed build fails)."""
     if native_scoring._compiler() is None:
         pytest.skip("no C++ compiler on this machine: scoring runs as tensor operations")
+
+
+def _native(spec: FusedSpec) -> native_scoring.NativeStep:
+    _needs_compiler()
     step = native_scoring.native_step(spec)
     assert step is not None, native_scoring.failure()
     return step
@@ -212,8 +216,7 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
         calls["tensor"] += 1
         return tensor_call(self, *args)
 
-    if native_scoring._compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
+    _needs_compiler()
     monkeypatch.setattr(native_scoring.NativeStep, "__call__", count_native)
     monkeypatch.setattr(FusedStep, "__call__", count_tensor)
     policy = momentkv.load_policy("moment.yaml").model_dump()
@@ -226,8 +229,7 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
 
 
 def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
-    if native_scoring._compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
+    _needs_compiler()
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native_scoring, "_library", [])
     monkeypatch.setattr(native_scoring, "_failure", [])
@@ -238,8 +240,7 @@ def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
 
 
 def test_a_cache_folder_others_can_write_to_is_refused(monkeypatch, tmp_path):
-    if native_scoring._compiler() is None:
-        pytest.skip("no C++ compiler on this machine")
+    _needs_compiler()
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels").chmod(0o777)
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
