@@ -20,7 +20,7 @@ from momentkv.core import eviction as eviction_mod
 from momentkv.core.eviction import LayerEviction
 from momentkv.core.fused_scoring import FusedStep, fused_spec
 from momentkv.core.plan import build_plans
-from momentkv.core import native_scoring
+from momentkv.core import native_build, native_scoring
 from momentkv.scoring.base import ScoreContext
 
 PROMPT = 7
@@ -44,7 +44,7 @@ POLICIES = {
 @pytest.fixture(autouse=True)
 def _tensor_step(monkeypatch):
     """These tests are about the step as tensor operations (and its inductor form): the native step stays off."""
-    monkeypatch.setattr(native_scoring, "_SETTING", "0")
+    monkeypatch.setattr(native_build, "_SETTING", "0")
 
 
 def _plan(policy):

@@ -25,7 +25,7 @@ import momentkv
 from momentkv.core import eviction as eviction_mod
 from momentkv.core.fused_scoring import FusedSpec, FusedStep, fused_spec
 from momentkv.core.plan import build_plans
-from momentkv.core import native_scoring
+from momentkv.core import native_build, native_scoring
 
 U = 2.0 ** -24
 KINDS = ("ema", "accumulated", "instantaneous", "recency")
@@ -231,8 +231,7 @@ def test_a_generation_takes_the_native_step_at_every_steady_fold(family, monkeyp
 def test_a_damaged_library_file_is_built_again(monkeypatch, tmp_path):
     _needs_compiler()
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native_scoring, "_library", [])
-    monkeypatch.setattr(native_scoring, "_failure", [])
+    monkeypatch.setattr(native_scoring, "LIBRARY", native_scoring._library())
     target = native_scoring._build()
     target.write_bytes(b"not a shared library")
     assert native_scoring._function() is not None and native_scoring.failure() is None
@@ -249,8 +248,7 @@ def test_a_cache_folder_others_can_write_to_is_refused(monkeypatch, tmp_path):
 
 
 def test_without_a_compiler_scoring_stays_on_the_tensor_step_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_scoring, "_library", [])
-    monkeypatch.setattr(native_scoring, "_failure", [])
+    monkeypatch.setattr(native_scoring, "LIBRARY", native_scoring._library())
     monkeypatch.setattr(eviction_mod, "_NATIVE", {})
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native_scoring, "_compiler", lambda: None)
@@ -273,7 +271,7 @@ def test_a_compiler_command_with_arguments_is_split_as_a_shell_would(monkeypatch
 
 
 def test_the_setting_turns_the_native_step_off(monkeypatch):
-    monkeypatch.setattr(native_scoring, "_SETTING", "0")
+    monkeypatch.setattr(native_build, "_SETTING", "0")
     spec = FusedSpec((("recency", 1.0, False, "rank", 1.0),), 0, 0, 4)
     assert native_scoring.native_step(spec) is None and eviction_mod._native_for(spec) is None
 

@@ -9,7 +9,7 @@ import torch
 
 from loops import oracle_run, physical_run
 from models import FAMILIES, prompts, tiny_model
-from momentkv.core import native_scoring, ranking
+from momentkv.core import native_build, native_scoring, ranking
 from oracle import EngineChoices, untie_key_norms
 
 POLICIES = {
@@ -74,7 +74,7 @@ def test_the_oracle_catches_an_engine_evicting_the_wrong_token(monkeypatch, fami
         return torch.where(two.values[..., 1:] == float("inf"), two.indices[..., :1], two.indices[..., 1:])
 
     monkeypatch.setattr(ranking, "lowest", wrong)
-    monkeypatch.setattr(native_scoring, "_SETTING", "0")  # the fault is planted in the tensor step's choice
+    monkeypatch.setattr(native_build, "_SETTING", "0")  # the fault is planted in the tensor step's choice
     with pytest.raises(AssertionError, match="evicted with score"):
         _compare(family, POLICIES["ema-corrected-protected"])
 

@@ -80,7 +80,9 @@ def main() -> None:
     start = time.perf_counter()
     llm = LLM(model=args.model_dir, dtype="float32", enforce_eager=True, seed=0, enable_prefix_caching=False,
               max_model_len=max(map(len, prompts)) + args.new_tokens + 8, block_size=args.block_size,
-              num_gpu_blocks_override=args.blocks, max_num_seqs=args.requests, **extra)
+              num_gpu_blocks_override=args.blocks, max_num_seqs=args.requests,
+              gpu_memory_utilization=0.5,  # host memory reserved; the KV space is fixed by the block count
+              **extra)
     startup = time.perf_counter() - start
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler

@@ -21,118 +21,51 @@ turns the native step off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
-import warnings
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-ENV = "MOMENTKV_NATIVE_SCORING"
-_SETTING = os.environ.get(ENV, "1").strip().lower()
+from momentkv.core import native_build
+
+ENV = native_build.SWITCH
 _KINDS = {"ema": 0, "accumulated": 1, "instantaneous": 2, "recency": 3}
 _NORMS = {"none": 0, "sum": 1, "max": 2, "zscore": 3, "rank": 4}
 _FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-fno-fast-math")
 
-_lock = threading.Lock()
-_library: list = []  # [ctypes function] once built and loaded, [None] once given up
-_failure: list[str] = []
+
+def _library() -> native_build.NativeFunction:
+    return native_build.NativeFunction(
+        "native_scoring.cpp", "momentkv_fused_scoring_call", _FLAGS, "the native scoring step",
+        "scoring runs as tensor operations (same results up to rounding, slower)")
+
+
+LIBRARY = _library()
 
 
 def enabled() -> bool:
     """Whether the native step is wanted (``MOMENTKV_NATIVE_SCORING``, read at import; on unless ``0``)."""
-    return _SETTING not in ("0", "false", "off", "no")
+    return native_build.enabled()
 
 
 def failure() -> str | None:
     """Why the library could not be built or loaded, or ``None``."""
-    return _failure[0] if _failure else None
+    return LIBRARY.failure()
 
 
 def _compiler() -> list[str] | None:
-    """The compiler command: ``$CXX`` (words split as a shell would, so ``ccache g++`` works), else the first
-    of ``c++``, ``g++``, ``clang++`` on the path."""
-    words = shlex.split(os.environ.get("CXX", ""))
-    if words and shutil.which(words[0]):
-        return [shutil.which(words[0]), *words[1:]]
-    for name in ("c++", "g++", "clang++"):
-        if shutil.which(name):
-            return [shutil.which(name)]
-    return None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MOMENTKV_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "momentkv"
-
-
-def _private_folder(path: Path) -> Path:
-    """``path``, made if missing (owner only), refused unless this user owns it and no one else may write in it:
-    a library loaded from a folder others can write to would run their code."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
-        raise RuntimeError(f"{path} is not a folder only this user can write to")
-    return path
+    return native_build.compiler()
 
 
 def _build(rebuild: bool = False) -> Path:
     """The shared library for this source, compiler and machine: the cached one, or a new build."""
-    source = resources.files("momentkv.core").joinpath("native_scoring.cpp").read_bytes()
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    about = [subprocess.run([*compiler, flag], capture_output=True, text=True, timeout=60).stdout
-             for flag in ("--version", "-dumpmachine")]
-    key = b"\0".join([source, *(a.encode() for a in about), platform.machine().encode(), " ".join(_FLAGS).encode()])
-    target = _private_folder(_cache_dir() / "kernels") / f"native_scoring-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if target.is_file() and not rebuild:
-        return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        src = Path(work) / "native_scoring.cpp"
-        src.write_bytes(source)
-        built = Path(work) / target.name
-        run = subprocess.run([*compiler, *_FLAGS, str(src), "-o", str(built)], capture_output=True, text=True,
-                             timeout=300)
-        if run.returncode != 0:
-            last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{Path(compiler[0]).name} failed: {last}")
-        os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
-    return target
+    return native_build.build("native_scoring.cpp", _FLAGS, _compiler(), rebuild)
 
 
 def _function():
     """The loaded C function, or ``None`` (warned once) where it cannot be built."""
-    if _library:
-        return _library[0]
-    with _lock:
-        if not _library:
-            try:
-                if ctypes.sizeof(ctypes.c_void_p) != 8:
-                    raise RuntimeError("the argument block holds 64-bit addresses; this Python's are not")
-                try:
-                    lib = ctypes.CDLL(str(_build()))
-                except OSError:  # a damaged or foreign file under the expected name: built again, once
-                    lib = ctypes.CDLL(str(_build(rebuild=True)))
-                fn = lib.momentkv_fused_scoring_call
-                fn.argtypes = [ctypes.c_void_p]
-                fn.restype = ctypes.c_int
-                _library.append(fn)
-            except Exception as error:  # noqa: BLE001 - any build or load failure: eager scoring, said once
-                _failure.append(f"{type(error).__name__}: {error}")
-                _library.append(None)
-                warnings.warn(f"momentkv: the native scoring step is unavailable ({_failure[0]}); scoring runs "
-                              f"as tensor operations (same results up to rounding, slower). Set {ENV}=0 to skip "
-                              "the attempt.", RuntimeWarning, stacklevel=4)
-    return _library[0]
+    return LIBRARY.get(_build)
 
 
 def _correction(part) -> int:

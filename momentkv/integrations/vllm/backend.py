@@ -49,6 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from momentkv.core.eviction import LayerEviction
 from momentkv.core.group_attention import group_attention
 from momentkv.core.paged import PagedStates
+from momentkv.core.paged_probs import PagedProbs
 from momentkv.core.plan import build_plans
 from momentkv.errors import PolicyError
 from momentkv.integrations.vllm import check, policy_source
@@ -157,6 +158,7 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         self.positions = torch.zeros(slots, heads, dtype=torch.long)
         self.states = PagedStates([s.state_channels for s in self.plan.scorers], slots, heads)
         self.keys_transposed = _probe_packing(layer.isa, heads, self.head_size, self.block_size, kv_cache.dtype)
+        self.paged_probs = PagedProbs(self.block_size, self.head_size, self.keys_transposed)
 
     def _split(self, kv_cache: torch.Tensor):
         """Keys and values of ``kv_cache`` ``[blocks, kv_heads, block_size, 2 * head_size]`` as views:
@@ -260,13 +262,25 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         for group in batch.folds:
             attention = None
             if self.plan.needs_step_attention:
-                stored = self._stored_keys(kv_cache, group.blocks)  # (n, H, S, D)
-                q = query[group.tokens].unsqueeze(2)  # (n, heads, 1, D)
-                probs = group_attention(q, stored, group.mask, self.scale)  # (n, H, S)
-                attention = probs.gather(-1, group.generated.expand(-1, probs.shape[1], -1))  # (n, H, held)
+                attention = self._attention(group, query, kv_cache)
             self.states.load(scoring, group.table)
             self.core.fold(attention, self._view(kv_cache, group.table, group.now))
             self.states.store(scoring, group.table)
+
+
+    def _attention(self, group, query, kv_cache) -> torch.Tensor:
+        """This step's attention ``(n, kv_heads, held)`` of the group's queries at their generated slots, averaged
+        over each KV head's query group: read in place by the native function where it takes these tensors,
+        else from a gathered copy of the rows' stored keys."""
+        first = group.generated[:, 0, 0]  # (n,) the physical index of the first generated slot
+        probs = self.paged_probs(kv_cache, query, group.tokens, group.blocks, first + group.held, first, group.held,
+                                 self.scale)
+        if probs is not None:
+            return probs
+        stored = self._stored_keys(kv_cache, group.blocks)  # (n, H, S, D)
+        q = query[group.tokens].unsqueeze(2)  # (n, heads, 1, D)
+        probs = group_attention(q, stored, group.mask, self.scale)  # (n, H, S)
+        return probs.gather(-1, group.generated.expand(-1, probs.shape[1], -1))  # (n, H, held)
 
 
 def _probe_packing(isa: str, heads: int, head_size: int, block_size: int, dtype) -> bool:

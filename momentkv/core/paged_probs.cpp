@@ -1,0 +1,219 @@
+// Decode attention probabilities read straight from a paged KV cache, averaged over each GQA group, for the
+// slots a scorer folds: momentkv/core/paged_probs.py (PagedProbs) calls it through ctypes, one call per layer.
+//
+// The cache is float32 blocks [num_blocks][kv_heads][2 * block_size * head_size]: per (block, KV head) the keys
+// first (row-major [block_size][head_size], or transposed [head_size][block_size]), then the values (not read).
+// A row r holds lengths[r] tokens at physical indices 0 .. lengths[r]-1, index i in block
+// blocks[r][i / block_size] at offset i % block_size. For each row and KV head h the step
+//   1. computes every query head j of the group (query head h * groups + j) against every stored key:
+//      l = (q . k) * scale, float32 products and sums;
+//   2. takes the softmax over the row's tokens: m = max l, s = sum exp(l - m) (a double sum), p = exp(l - m) / s;
+//   3. writes out[r][h][i] = (sum over j of p at index first[r] + i) * (1 / groups) for i < held: the mean over
+//      the group, summed in j order and then scaled, as momentkv.core.group_attention.group_mean does.
+// exp is a polynomial (range reduction by ln 2, degree 7): within a few ulp of the exact value for arguments in
+// [-87.34, 0] and 0 below (an error under 2^-126), written so that the compiler vectorises it; the result is a softmax within float32 rounding of the exact one,
+// not bit for bit equal to torch's.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (a logit minus its row's max); 0 below -87.34 (where exp(x) < 2^-126, the least normal float).
+inline float exp_nonpositive(float x) {
+    const float keep = x >= -87.34f ? 1.0f : 0.0f;
+    x = x < -87.34f ? -87.34f : x;
+    const float t = x * 1.44269504088896341f;
+    const int32_t n = static_cast<int32_t>(t - 0.5f);  // t <= 0: rounds to nearest, up to ties
+    const float fn = static_cast<float>(n);
+    const float r = (x - fn * 0.693145751953125f) - fn * 1.428606765330187045e-06f;  // |r| <= ln 2 / 2 + ulp
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = (n + 127) << 23;  // n in [-126, 0]: x >= -87.34 makes t - 0.5 > -127
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale * keep;
+}
+
+struct Args {
+    const float* cache;
+    int64_t block_stride, head_stride, kv_heads, block_size, head_size, transposed;
+    const float* query;
+    int64_t query_token_stride, query_head_stride;
+    const int64_t* tokens;
+    int64_t rows;
+    const int64_t* blocks;
+    int64_t blocks_row_stride;
+    const int64_t* lengths;
+    const int64_t* first;
+    int64_t held, groups;
+    float scale;
+    float* out;
+};
+
+// Logits of the `groups` query heads `q` ([groups][head_size]) against one block's keys: logits[j][t] for t < count.
+// Transposed keys with a block of BS (a compile-time size): every query head's row of BS logits stays in
+// registers while the key rows stream past once.
+template <int BS>
+void block_logits_transposed(const Args& a, const float* __restrict keys, const float* const* q,
+                             float* const* logits, int64_t count) {
+    const int64_t d = a.head_size;
+    int64_t j = 0;
+    for (; j + 2 <= a.groups; j += 2) {  // two query heads per pass over the keys
+        float acc0[BS] = {}, acc1[BS] = {};
+        const float* __restrict q0 = q[j];
+        const float* __restrict q1 = q[j + 1];
+        for (int64_t k = 0; k < d; ++k) {
+            const float* __restrict row = keys + k * BS;
+            const float a0 = q0[k], a1 = q1[k];
+#pragma omp simd
+            for (int t = 0; t < BS; ++t) {
+                acc0[t] += a0 * row[t];
+                acc1[t] += a1 * row[t];
+            }
+        }
+        for (int64_t t = 0; t < count; ++t) {
+            logits[j][t] = acc0[t] * a.scale;
+            logits[j + 1][t] = acc1[t] * a.scale;
+        }
+    }
+    for (; j < a.groups; ++j) {
+        float acc[BS] = {};
+        const float* __restrict qj = q[j];
+        for (int64_t k = 0; k < d; ++k) {
+            const float* __restrict row = keys + k * BS;
+            const float qk = qj[k];
+#pragma omp simd
+            for (int t = 0; t < BS; ++t) acc[t] += qk * row[t];
+        }
+        for (int64_t t = 0; t < count; ++t) logits[j][t] = acc[t] * a.scale;
+    }
+}
+
+void block_logits(const Args& a, const float* keys, const float* const* q, float* const* logits, int64_t count) {
+    const int64_t d = a.head_size, bs = a.block_size;
+    if (a.transposed && bs == 32) return block_logits_transposed<32>(a, keys, q, logits, count);
+    if (a.transposed && bs == 16) return block_logits_transposed<16>(a, keys, q, logits, count);
+    for (int64_t j = 0; j < a.groups; ++j) {
+        const float* qj = q[j];
+        float* lj = logits[j];
+        if (a.transposed) {  // keys[k][t]: accumulate over k, vectorised over t
+            for (int64_t t = 0; t < count; ++t) lj[t] = 0.0f;
+            for (int64_t k = 0; k < d; ++k) {
+                const float qk = qj[k];
+                const float* row = keys + k * bs;
+#pragma omp simd
+                for (int64_t t = 0; t < count; ++t) lj[t] += qk * row[t];
+            }
+        } else {  // keys[t][k]: one dot product per token
+            for (int64_t t = 0; t < count; ++t) {
+                const float* key = keys + t * d;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < d; ++k) acc += qj[k] * key[k];
+                lj[t] = acc;
+            }
+        }
+#pragma omp simd
+        for (int64_t t = 0; t < count; ++t) lj[t] *= a.scale;
+    }
+}
+
+int run(const Args& a) {
+    const int64_t g = a.groups;
+    std::vector<float> buffer;
+    std::vector<const float*> q(g);
+    std::vector<float*> logits(g);
+    for (int64_t r = 0; r < a.rows; ++r) {
+        const int64_t length = a.lengths[r], first = a.first[r];
+        if (length <= 0 || first < 0 || first + a.held > length) return 2;
+        const int64_t padded = (length + a.block_size - 1) / a.block_size * a.block_size;
+        buffer.resize(static_cast<size_t>(g * padded));
+        const float* query = a.query + a.tokens[r] * a.query_token_stride;
+        const int64_t* table = a.blocks + r * a.blocks_row_stride;
+        for (int64_t h = 0; h < a.kv_heads; ++h) {
+            for (int64_t j = 0; j < g; ++j) q[j] = query + (h * g + j) * a.query_head_stride;
+            for (int64_t b = 0; b * a.block_size < length; ++b) {
+                const int64_t count = std::min(a.block_size, length - b * a.block_size);
+                const float* keys = a.cache + table[b] * a.block_stride + h * a.head_stride;
+                for (int64_t j = 0; j < g; ++j) logits[j] = buffer.data() + j * padded + b * a.block_size;
+                block_logits(a, keys, q.data(), logits.data(), count);
+            }
+            float* out = a.out + (r * a.kv_heads + h) * a.held;
+            for (int64_t i = 0; i < a.held; ++i) out[i] = 0.0f;
+            for (int64_t j = 0; j < g; ++j) {
+                float* l = buffer.data() + j * padded;
+                float peak = l[0];
+                for (int64_t t = 1; t < length; ++t) peak = l[t] > peak ? l[t] : peak;
+                double total = 0.0;
+#pragma omp simd reduction(+ : total)
+                for (int64_t t = 0; t < length; ++t) {
+                    const float e = exp_nonpositive(l[t] - peak);
+                    l[t] = e;
+                    total += e;
+                }
+                const float inverse = static_cast<float>(1.0 / total);
+                for (int64_t i = 0; i < a.held; ++i) out[i] += l[first + i] * inverse;
+            }
+            const float mean = 1.0f / static_cast<float>(g);
+            for (int64_t i = 0; i < a.held; ++i) out[i] *= mean;
+        }
+    }
+    return 0;
+}
+
+template <typename T>
+T pointer(int64_t v) {
+    return reinterpret_cast<T>(static_cast<intptr_t>(v));
+}
+
+}  // namespace
+
+// The argument block, int64 each: 0 cache, 1 block stride, 2 head stride (elements), 3 kv heads, 4 block size,
+// 5 head size, 6 keys transposed, 7 query, 8 query token stride, 9 query head stride, 10 tokens (rows),
+// 11 rows, 12 blocks, 13 blocks' row stride, 14 lengths (rows), 15 first (rows), 16 held, 17 groups,
+// 18 scale (a float's bits), 19 out ([rows][kv heads][held], contiguous).
+// Returns 0, 1 on bad sizes, 2 on a row whose slots do not fit its length, 3 when memory runs out.
+extern "C" int momentkv_paged_probs(const int64_t* block) {
+    Args a;
+    a.cache = pointer<const float*>(block[0]);
+    a.block_stride = block[1];
+    a.head_stride = block[2];
+    a.kv_heads = block[3];
+    a.block_size = block[4];
+    a.head_size = block[5];
+    a.transposed = block[6];
+    a.query = pointer<const float*>(block[7]);
+    a.query_token_stride = block[8];
+    a.query_head_stride = block[9];
+    a.tokens = pointer<const int64_t*>(block[10]);
+    a.rows = block[11];
+    a.blocks = pointer<const int64_t*>(block[12]);
+    a.blocks_row_stride = block[13];
+    a.lengths = pointer<const int64_t*>(block[14]);
+    a.first = pointer<const int64_t*>(block[15]);
+    a.held = block[16];
+    a.groups = block[17];
+    const int32_t bits = static_cast<int32_t>(block[18]);
+    std::memcpy(&a.scale, &bits, sizeof a.scale);
+    a.out = pointer<float*>(block[19]);
+    if (a.kv_heads <= 0 || a.block_size <= 0 || a.head_size <= 0 || a.groups <= 0 || a.held < 0 || a.rows < 0)
+        return 1;
+    try {
+        return run(a);
+    } catch (const std::bad_alloc&) {
+        return 3;
+    } catch (...) {
+        return 3;
+    }
+}
