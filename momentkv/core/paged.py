@@ -29,6 +29,15 @@ class PagedStates:
         # The every-step scorers' combined score of the last step, per slot (the next ranking reads it).
         self.total = torch.zeros((num_slots, kv_heads), dtype=torch.float32, device=device)
         self.has_total = False
+        self.heads = torch.arange(kv_heads, device=device).view(kv_heads, 1)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (table, its flat index): load, then store
+
+    def _flat(self, table: torch.Tensor) -> torch.Tensor:
+        """The flat index ``(b, kv_heads, T)`` of slots ``table`` ``(b, T)`` in a ``(num_slots, kv_heads)`` pool:
+        one ``take`` reads the dense view, with no transposed copy (remembered for the table last asked)."""
+        if self._last is None or self._last[0] is not table:
+            self._last = (table, table.unsqueeze(-2) * self.heads.shape[0] + self.heads)
+        return self._last[1]
 
     def load(self, scoring, table: torch.Tensor) -> None:
         """Give ``scoring`` (a :class:`~momentkv.core.scorer_states.LayerScoring`) the states and last combined
@@ -42,14 +51,15 @@ class PagedStates:
         self.scatter(table, scoring.states)
         total = scoring.step_total
         if total is not None:
-            self.total[table, :] = total.transpose(-1, -2)
+            self.total.view(-1)[self._flat(table)] = total
             self.has_total = True
 
-    @staticmethod
-    def _rows(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _rows(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``pool`` ``(..., N, h)`` at ``table`` ``(b, T)`` -> ``(..., b, h, T)``."""
-        picked = pool[..., table, :]  # (..., b, T, h)
-        return picked.transpose(-1, -2).contiguous()
+        flat = self._flat(table)
+        if pool.dim() == 2:
+            return pool.view(-1).take(flat)
+        return pool.view(pool.shape[0], -1)[:, flat]
 
     def gather(self, table: torch.Tensor) -> list[torch.Tensor]:
         """The states of slots ``table`` ``(batch, T)`` int64 as ``(batch, kv_heads, T)`` (or with channels first)."""
@@ -57,8 +67,12 @@ class PagedStates:
 
     def scatter(self, table: torch.Tensor, states: list[torch.Tensor]) -> None:
         """Write dense ``states`` (as :meth:`gather` returns them) back to slots ``table`` ``(batch, T)``."""
+        flat = self._flat(table)
         for pool, state in zip(self.pools, states):
-            pool[..., table, :] = state.transpose(-1, -2)
+            if pool.dim() == 2:
+                pool.view(-1)[flat] = state
+            else:
+                pool.view(pool.shape[0], -1)[:, flat] = state
 
     def reset(self, slots: torch.Tensor) -> None:
         """New tokens arrive in ``slots`` (any shape of slot indices), in every head: their states start at zero."""
