@@ -62,41 +62,39 @@ struct Args {
 };
 
 // Logits of the `groups` query heads `q` ([groups][head_size]) against one block's keys: logits[j][t] for t < count.
-// Transposed keys with a block of BS (a compile-time size): every query head's row of BS logits stays in
-// registers while the key rows stream past once.
-template <int BS>
-void block_logits_transposed(const Args& a, const float* __restrict keys, const float* const* q,
-                             float* const* logits, int64_t count) {
-    const int64_t d = a.head_size;
-    int64_t j = 0;
-    for (; j + 2 <= a.groups; j += 2) {  // two query heads per pass over the keys
-        float acc0[BS] = {}, acc1[BS] = {};
-        const float* __restrict q0 = q[j];
-        const float* __restrict q1 = q[j + 1];
-        for (int64_t k = 0; k < d; ++k) {
-            const float* __restrict row = keys + k * BS;
-            const float a0 = q0[k], a1 = q1[k];
+// Transposed keys with a block of BS and a group of G query heads (compile-time sizes): the G rows of BS logits
+// stay in registers while the key rows stream past once.
+template <int BS, int G>
+void block_logits_group(const Args& a, const float* __restrict keys, const float* const* q, float* const* logits,
+                        int64_t count) {
+    float acc[G][BS] = {};
+    for (int64_t k = 0; k < a.head_size; ++k) {
+        const float* __restrict row = keys + k * BS;
+        float qk[G];
+        for (int j = 0; j < G; ++j) qk[j] = q[j][k];
 #pragma omp simd
-            for (int t = 0; t < BS; ++t) {
-                acc0[t] += a0 * row[t];
-                acc1[t] += a1 * row[t];
-            }
-        }
-        for (int64_t t = 0; t < count; ++t) {
-            logits[j][t] = acc0[t] * a.scale;
-            logits[j + 1][t] = acc1[t] * a.scale;
+        for (int t = 0; t < BS; ++t) {
+            const float key = row[t];
+            for (int j = 0; j < G; ++j) acc[j][t] += qk[j] * key;
         }
     }
-    for (; j < a.groups; ++j) {
-        float acc[BS] = {};
-        const float* __restrict qj = q[j];
-        for (int64_t k = 0; k < d; ++k) {
-            const float* __restrict row = keys + k * BS;
-            const float qk = qj[k];
-#pragma omp simd
-            for (int t = 0; t < BS; ++t) acc[t] += qk * row[t];
-        }
-        for (int64_t t = 0; t < count; ++t) logits[j][t] = acc[t] * a.scale;
+    for (int j = 0; j < G; ++j) {
+        float* __restrict out = logits[j];
+        for (int64_t t = 0; t < count; ++t) out[t] = acc[j][t] * a.scale;
+    }
+}
+
+// Transposed keys with a block of BS: groups of up to four query heads per pass over the keys.
+template <int BS>
+void block_logits_transposed(const Args& a, const float* keys, const float* const* q, float* const* logits,
+                             int64_t count) {
+    int64_t j = 0;
+    for (; j + 4 <= a.groups; j += 4) block_logits_group<BS, 4>(a, keys, q + j, logits + j, count);
+    switch (a.groups - j) {
+        case 3: block_logits_group<BS, 3>(a, keys, q + j, logits + j, count); break;
+        case 2: block_logits_group<BS, 2>(a, keys, q + j, logits + j, count); break;
+        case 1: block_logits_group<BS, 1>(a, keys, q + j, logits + j, count); break;
+        default: break;
     }
 }
 
@@ -154,6 +152,7 @@ int run(const Args& a) {
             for (int64_t j = 0; j < g; ++j) {
                 float* l = buffer.data() + j * padded;
                 float peak = l[0];
+#pragma omp simd reduction(max : peak)
                 for (int64_t t = 1; t < length; ++t) peak = l[t] > peak ? l[t] : peak;
                 double total = 0.0;
 #pragma omp simd reduction(+ : total)
