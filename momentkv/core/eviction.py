@@ -117,10 +117,13 @@ class LayerEviction:
         head loses its ``count`` lowest-ranked ones (fewer where protections leave fewer)."""
         return ranking.survivors(self.ranked(view, prompt_tokens, incoming), count)
 
-    def fold(self, attention: torch.Tensor | None, view: ScoreContext, prompt_tokens: int | None = None) -> None:
+    def fold(self, attention: torch.Tensor | None, view: ScoreContext,
+             prompt_tokens: int | torch.Tensor | None = None) -> None:
         """Fold one decode step into the scorers: ``attention`` ``(batch, kv_heads, T)`` over the evictable slots
         (``None`` where no scorer reads it). Given ``prompt_tokens`` and a full budget, a fused plan folds and
-        ranks in one computation (see the module docstring)."""
+        ranks in one computation (see the module docstring), which :meth:`named_victim` then returns.
+        ``prompt_tokens`` is an int, or a ``(batch, 1, 1)`` tensor when the batch rows' ``view.now`` is one too
+        (a paged engine's rows stand at different steps)."""
         self._next = None
         spec, scoring = self.spec, self.scoring
         if (spec is None or prompt_tokens is None or not scoring.started or view.positions.shape[-1] != spec.budget
@@ -132,7 +135,8 @@ class LayerEviction:
         device = view.positions.device
         if torch.compiler.is_compiling():
             total, victim = step(states, attention, view.positions, view.now, prompt_tokens)
-        elif compile_enabled(device):  # the step and the prompt as tensors: new data, not new constants
+        elif compile_enabled(device) and not isinstance(view.now, torch.Tensor):
+            # the step and the prompt as tensors: new data, not new constants
             now = torch.tensor(view.now, device=device)
             total, victim = compiled(states, attention, view.positions, now, self._prompt_tensor(prompt_tokens, device))
         else:
@@ -142,6 +146,12 @@ class LayerEviction:
                                                                    prompt_tokens)
         scoring.attention, scoring.step_total = attention, total
         self._next = (view, victim)
+
+    def named_victim(self, view: ScoreContext) -> torch.Tensor | None:
+        """``(batch, kv_heads, 1)``: the slot each head gives to the next token, as the last :meth:`fold` of
+        ``view`` named it in its fused step (what :meth:`lowest` would return for this view), else ``None``."""
+        named = self._next
+        return named[1] if named is not None and named[0] is view else None
 
     def _prompt_tensor(self, prompt_tokens: int, device) -> torch.Tensor:
         if self._prompt is None or self._prompt[0] != prompt_tokens:

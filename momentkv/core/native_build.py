@@ -70,11 +70,17 @@ def cpu_features() -> bytes:
     return "\n".join(dict.fromkeys(wanted)).encode()
 
 
+def read_source(source_name: str) -> bytes:
+    """The text of ``momentkv/core/<source_name>``."""
+    return resources.files("momentkv.core").joinpath(source_name).read_bytes()
+
+
 def build(source_name: str, flags: tuple[str, ...], command: list[str] | None, rebuild: bool = False,
-          key_extra: bytes = b"") -> Path:
-    """The shared library of ``momentkv/core/<source_name>`` built with ``command`` and ``flags``: the cached one,
-    or a new build (``rebuild``: build again even if cached)."""
-    source = resources.files("momentkv.core").joinpath(source_name).read_bytes()
+          key_extra: bytes = b"", source: bytes | None = None) -> Path:
+    """The shared library of ``momentkv/core/<source_name>`` (or of ``source``, that file's text as read before)
+    built with ``command`` and ``flags``: the cached one, or a new build (``rebuild``: build again even if
+    cached)."""
+    source = read_source(source_name) if source is None else source
     if command is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     about = [subprocess.run([*command, flag], capture_output=True, text=True, timeout=60).stdout
@@ -100,11 +106,17 @@ def build(source_name: str, flags: tuple[str, ...], command: list[str] | None, r
 
 class NativeFunction:
     """The C function ``symbol`` (``int f(const int64_t*)``) of a library :func:`build` makes, loaded on the first
-    :meth:`get`; ``None`` once it could not be, with one warning naming ``what`` and what happens instead."""
+    :meth:`get`; ``None`` once it could not be, with one warning naming ``what`` and what happens instead.
+
+    The source is read when this object is made (at import), not when the library is first built: the Python
+    that fills the argument block and the C++ that reads it are then always of one version, even if the package
+    on disk is replaced while a process runs.
+    """
 
     def __init__(self, source_name: str, symbol: str, flags: tuple[str, ...], what: str, instead: str,
                  key_extra=lambda: b""):
         self.source_name, self.symbol, self.flags = source_name, symbol, flags
+        self.source = read_source(source_name)
         self.what, self.instead, self.key_extra = what, instead, key_extra
         self._lock = threading.Lock()
         self._loaded: list = []  # [function] once loaded, [None] once given up
@@ -125,7 +137,8 @@ class NativeFunction:
         (default: :func:`build` with this function's source and flags)."""
         if self._loaded:
             return self._loaded[0]
-        make = builder or (lambda rebuild: build(self.source_name, self.flags, compiler(), rebuild, self.key_extra()))
+        make = builder or (lambda rebuild: build(self.source_name, self.flags, compiler(), rebuild, self.key_extra(),
+                                                 self.source))
         with self._lock:
             if not self._loaded:
                 try:

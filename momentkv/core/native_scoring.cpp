@@ -126,14 +126,18 @@ const float* rank_steps(int64_t t) {
 //   positions               int64 (batch, heads, t) sequence indices of the slots
 //   *_strides               attention's and positions' element strides over batch and heads (each row contiguous;
 //                           a stride may be 0: one row broadcast)
+//   nows, prompts           int64 (batch) per batch row: its `now` and `prompt_tokens` (rows of a paged engine's
+//                           batch stand at different steps), or null: `now` and `prompt_tokens` for every row
 //   total                   float32 (rows, t) out: the ranking score, protections not applied
 //   victim                  int64 (rows) out: each row's lowest unprotected slot
 int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* kinds, const float* alphas,
                        const float* log_alphas, const int32_t* corrected, const int32_t* norms, const float* weights,
                        float* const* states, int64_t heads, const float* attention, const int64_t* attention_strides,
-                       const int64_t* positions, const int64_t* positions_strides, int64_t now,
-                       int64_t prompt_tokens, int64_t sinks, int64_t recent, float* total, int64_t* victim) {
+                       const int64_t* positions, const int64_t* positions_strides, int64_t now_all,
+                       int64_t prompt_all, int64_t sinks, int64_t recent, float* total, int64_t* victim,
+                       const int64_t* nows, const int64_t* prompts) {
     auto row_of = [heads](int64_t r, const int64_t* strides) { return (r / heads) * strides[0] + (r % heads) * strides[1]; };
+    auto now_of = [&](int64_t r) { return nows ? nows[r / heads] : now_all; };
     for (int64_t p = 0; p < parts; ++p) {
         if (kinds[p] < EMA || kinds[p] > RECENCY || norms[p] < NONE || norms[p] > RANK) return 1;
         if (corrected[p] < UNCORRECTED || corrected[p] > DECAYED) return 1;
@@ -141,6 +145,7 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     int64_t max_age = 0;
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t* pos = positions + row_of(r, positions_strides);
+        const int64_t now = now_of(r);
         for (int64_t i = 0; i < t; ++i) {
             if (pos[i] > now) return 2;
             max_age = std::max(max_age, now - pos[i]);
@@ -160,6 +165,7 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
         const int64_t* pos = positions + row_of(r, positions_strides);
         const float* att = attention ? attention + row_of(r, attention_strides) : nullptr;
         float* tot = total + r * t;
+        const int64_t now = now_of(r), prompt_tokens = prompts ? prompts[r / heads] : prompt_all;
         for (int64_t i = 0; i < t; ++i) age[i] = static_cast<float>(now - pos[i]);
         bool have_total = false, have_ranks = false;
         int64_t state_index = 0;
@@ -244,6 +250,7 @@ extern "C" {
 //   block[0..17]  rows, t, parts, kinds, alphas, log_alphas, corrected, norms, weights, states, attention,
 //                 positions, now, prompt_tokens, sinks, recent, total, victim (pointers as addresses, 0 = null)
 //   block[18..22] heads, attention's strides over batch and heads, positions' strides over batch and heads
+//   block[23..24] nows, prompts: per batch row (0 = null: block[12] and block[13] for every row)
 //   states        the address of an array of one address per stateful part
 // Returns fused_scoring_step's status, or 3 when it threw (memory): no C++ exception crosses into the caller.
 int momentkv_fused_scoring_call(const int64_t* block) noexcept {
@@ -256,7 +263,8 @@ int momentkv_fused_scoring_call(const int64_t* block) noexcept {
                               static_cast<const float*>(at(10)), block + 19, static_cast<const int64_t*>(at(11)),
                               block + 21, block[12],
                               block[13], block[14], block[15], static_cast<float*>(at(16)),
-                              static_cast<int64_t*>(at(17)));
+                              static_cast<int64_t*>(at(17)), static_cast<const int64_t*>(at(23)),
+                              static_cast<const int64_t*>(at(24)));
     } catch (...) {
         return 3;
     }

@@ -59,8 +59,9 @@ def _compiler() -> list[str] | None:
 
 
 def _build(rebuild: bool = False) -> Path:
-    """The shared library for this source, compiler and machine: the cached one, or a new build."""
-    return native_build.build("native_scoring.cpp", _FLAGS, _compiler(), rebuild)
+    """The shared library for this source (as read at import), compiler and machine: the cached one, or a new
+    build."""
+    return native_build.build("native_scoring.cpp", _FLAGS, _compiler(), rebuild, source=LIBRARY.source)
 
 
 def _function():
@@ -79,8 +80,8 @@ def _correction(part) -> int:
 class NativeStep:
     """A :class:`~momentkv.core.fused_scoring.FusedSpec`'s step through the native function.
 
-    Call it as ``FusedStep`` is called (``states, attention, positions, now, prompt_tokens`` with ints for
-    ``now`` and ``prompt_tokens``); it returns ``(total, victim)`` of the same shapes, or ``None`` when these
+    Call it as ``FusedStep`` is called (``states, attention, positions, now, prompt_tokens``; ``now`` and
+    ``prompt_tokens`` ints, or ``(batch, 1, 1)`` int64 tensors of one value per batch row); it returns ``(total, victim)`` of the same shapes, or ``None`` when these
     tensors are not ones it takes (not contiguous CPU tensors of the shapes and dtypes the step reads): the
     caller then runs the eager step.
     """
@@ -99,7 +100,7 @@ class NativeStep:
         self._state_addresses = (ctypes.c_int64 * max(stateful, 1))()
         # The argument block (see native_scoring.cpp): constants written once, the rest at every call. One block per
         # step object, so calls on one step object must not overlap (a layer's steps never do).
-        self._block = (ctypes.c_int64 * 23)()
+        self._block = (ctypes.c_int64 * 25)()
         self._block[2] = n
         for i, array in enumerate(self._constants, start=3):
             self._block[i] = ctypes.addressof(array)
@@ -119,7 +120,19 @@ class NativeStep:
         return (tensor.layout == torch.strided and tensor.dtype == torch.float32 and tensor.shape == shape
                 and tensor.device.type == "cpu" and tensor.is_contiguous())
 
-    def __call__(self, states, attention, positions, now: int, prompt_tokens: int):
+    @staticmethod
+    def _per_row(value, batch: int) -> tuple[int, torch.Tensor | None]:
+        """``(scalar, None)`` for an int (or a one-element tensor), ``(0, (batch,) int64)`` for one value per batch
+        row (a ``(batch, 1, 1)`` tensor, as a paged engine's rows stand at different steps)."""
+        if not isinstance(value, torch.Tensor):
+            return int(value), None
+        if value.numel() == 1:
+            return int(value), None
+        if value.numel() != batch or value.device.type != "cpu":
+            raise ValueError(f"momentkv: {tuple(value.shape)} values for a batch of {batch} rows")
+        return 0, value.reshape(batch).to(torch.int64).contiguous()
+
+    def __call__(self, states, attention, positions, now, prompt_tokens):
         shape = positions.shape
         if (len(shape) != 3 or shape[-1] == 0 or not self._takes(positions, torch.int64, shape)
                 or len(states) != len(self.spec.stateful) or not all(self._owned(s, shape) for s in states)):
@@ -130,6 +143,8 @@ class NativeStep:
         elif not self._takes(attention, torch.float32, shape):
             return None
         b, h, t = shape
+        now, nows = self._per_row(now, b)
+        prompt_tokens, prompts = self._per_row(prompt_tokens, b)
         total = torch.empty(shape, dtype=torch.float32)
         victim = torch.empty((b, h, 1), dtype=torch.int64)
         with self._lock:
@@ -138,7 +153,9 @@ class NativeStep:
             for i, state in enumerate(states):
                 self._state_addresses[i] = state.data_ptr()
             block[10] = 0 if attention is None else attention.data_ptr()
-            block[11], block[12], block[13] = positions.data_ptr(), int(now), int(prompt_tokens)
+            block[11], block[12], block[13] = positions.data_ptr(), now, prompt_tokens
+            block[23] = 0 if nows is None else nows.data_ptr()
+            block[24] = 0 if prompts is None else prompts.data_ptr()
             block[16], block[17] = total.data_ptr(), victim.data_ptr()
             block[18] = h
             block[21], block[22] = positions.stride(0), positions.stride(1)

@@ -157,6 +157,10 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         self.heads = torch.arange(heads)
         self.positions = torch.zeros(slots, heads, dtype=torch.long)
         self.states = PagedStates([s.state_channels for s in self.plan.scorers], slots, heads)
+        # What a steady fold named for the next token (the fused step ranks as it folds), keyed by the request's
+        # first generated slot, with the sequence index of the fold that named it (-1: nothing named).
+        self.named = torch.zeros(slots, heads, dtype=torch.long)
+        self.named_at = torch.full((slots,), -1, dtype=torch.long)
         self.keys_transposed = _probe_packing(layer.isa, heads, self.head_size, self.block_size, kv_cache.dtype)
         self.paged_probs = PagedProbs(self.block_size, self.head_size, self.keys_transposed)
 
@@ -233,6 +237,13 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             self.states.reset(batch.fresh)
         scoring = self.core.scoring
         for group in batch.victims:
+            first = group.table[:, 0]
+            if bool((self.named_at[first] == torch.as_tensor(group.newest).reshape(-1)).all()):
+                # Every row's last fold was a steady one that already ranked: its choice stands.
+                slots = group.table.gather(1, self.named[first])  # (n, H)
+                self.states.reset_heads(slots)
+                where[group.rows] = slots
+                continue
             view = self._view(kv_cache, group.table, group.newest, cache=bool(scoring.at_rank))
             if scoring.at_rank:  # scorers that run when ranking: they read and update their states
                 self.states.load(scoring, group.table)
@@ -264,8 +275,17 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             if self.plan.needs_step_attention:
                 attention = self._attention(group, query, kv_cache)
             self.states.load(scoring, group.table)
-            self.core.fold(attention, self._view(kv_cache, group.table, group.now))
+            view = self._view(kv_cache, group.table, group.now)
+            steady = group.held == self.rt.budget and self.core.spec is not None
+            self.core.fold(attention, view, group.prompt if steady else None)
             self.states.store(scoring, group.table)
+            victim = self.core.named_victim(view) if steady else None
+            first = group.table[:, 0]
+            if victim is None:
+                self.named_at[first] = -1
+            else:
+                self.named[first] = victim[:, :, 0]
+                self.named_at[first] = torch.as_tensor(group.now).reshape(-1)
 
 
     def _attention(self, group, query, kv_cache) -> torch.Tensor:

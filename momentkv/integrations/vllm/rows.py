@@ -53,6 +53,7 @@ class FoldGroup:
     held: int
     table: torch.Tensor  # (n, held) the slots of physical indices P .. P+held-1
     now: torch.Tensor | int  # the sequence index of the token written this step, (n, 1, 1) or int
+    prompt: torch.Tensor | int  # the rows' context lengths, (n, 1, 1) or int (as ``now``)
     tokens: torch.Tensor  # (n,) the rows' indices among the step's tokens (their queries)
     blocks: torch.Tensor | None  # (n, m) the blocks holding physical indices 0 .. P+held-1 (attention only)
     mask: torch.Tensor | None  # (n, 1, 1, m * block_size) bool: the slots of those blocks that hold a token
@@ -107,7 +108,7 @@ class DecodeBatch:
                 blocks = table[rows, :count]
                 mask = (torch.arange(count * block_size) < length.unsqueeze(1)).view(len(rows), 1, 1, -1)
                 where = (prompt[rows].unsqueeze(1) + torch.arange(h)).unsqueeze(1)
-            folds.append(FoldGroup(rows, h, generated_slots[rows, :h], _now(now[rows], batched), tokens[rows],
-                                   blocks, mask, where))
+            folds.append(FoldGroup(rows, h, generated_slots[rows, :h], _now(now[rows], batched),
+                                   _now(prompt[rows], batched), tokens[rows], blocks, mask, where))
         fresh = next_slot[~full] if not bool(full.all()) else None
         return cls(tokens, now, next_slot, fresh, victims, folds)
