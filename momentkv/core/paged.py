@@ -32,7 +32,7 @@ class PagedStates:
         self.heads = torch.arange(kv_heads, device=device).view(kv_heads, 1)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (table, its flat index): load, then store
 
-    def _flat(self, table: torch.Tensor) -> torch.Tensor:
+    def flat_index(self, table: torch.Tensor) -> torch.Tensor:
         """The flat index ``(b, kv_heads, T)`` of slots ``table`` ``(b, T)`` in a ``(num_slots, kv_heads)`` pool:
         one ``take`` reads the dense view, with no transposed copy (remembered for the table last asked)."""
         if self._last is None or self._last[0] is not table:
@@ -51,12 +51,12 @@ class PagedStates:
         self.scatter(table, scoring.states)
         total = scoring.step_total
         if total is not None:
-            self.total.view(-1)[self._flat(table)] = total
+            self.total.view(-1)[self.flat_index(table)] = total
             self.has_total = True
 
     def _rows(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``pool`` ``(..., N, h)`` at ``table`` ``(b, T)`` -> ``(..., b, h, T)``."""
-        flat = self._flat(table)
+        flat = self.flat_index(table)
         if pool.dim() == 2:
             return pool.view(-1).take(flat)
         return pool.view(pool.shape[0], -1)[:, flat]
@@ -67,7 +67,7 @@ class PagedStates:
 
     def scatter(self, table: torch.Tensor, states: list[torch.Tensor]) -> None:
         """Write dense ``states`` (as :meth:`gather` returns them) back to slots ``table`` ``(batch, T)``."""
-        flat = self._flat(table)
+        flat = self.flat_index(table)
         for pool, state in zip(self.pools, states):
             if pool.dim() == 2:
                 pool.view(-1)[flat] = state

@@ -202,7 +202,7 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         k = v = None
         if cache and self.rt.reads_cache:
             k, v = self._read(kv_cache, table)
-        positions = self.positions[table].transpose(1, 2)  # (n, H, T)
+        positions = self.positions.view(-1).take(self.states.flat_index(table))  # (n, H, T), contiguous
         return ScoreContext(None, k, None, positions=positions, values=v, now=now,
                             layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers)
 
