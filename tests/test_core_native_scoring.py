@@ -282,3 +282,40 @@ def test_a_build_goes_to_the_cache_folder_once(monkeypatch, tmp_path):
     assert first.parent.parent == tmp_path and first.is_file()
     stamp = first.stat().st_mtime_ns
     assert native_scoring._build() == first and first.stat().st_mtime_ns == stamp
+
+
+@settings(max_examples=40)
+@given(parts=st.lists(part, min_size=1, max_size=3), b=st.integers(2, 4), h=st.integers(1, 3), t=st.integers(2, 24),
+       sinks=st.integers(0, 3), recent=st.integers(0, 5), gaps=st.lists(st.integers(0, 60), min_size=4, max_size=4),
+       prompts=st.lists(st.integers(0, 40), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_rows_at_their_own_step_equal_each_row_stepped_alone(parts, b, h, t, sinks, recent, gaps, prompts, seed):
+    """A paged engine's batch rows stand at different steps: ``now`` and ``prompt_tokens`` as ``(batch, 1, 1)``
+    tensors give each row exactly what a call for that row alone gives, in the native step and the tensor step."""
+    parts = tuple((k, a, c and (k != "ema" or a == 1.0), n, w) for k, a, c, n, w in parts)
+    spec = FusedSpec(parts, sinks, recent, t)
+    rows = []
+    for r in range(b):
+        prompt, now = prompts[r], prompts[r] + t - 1 + gaps[r]
+        states, attention, positions = _inputs(seed + r, 1, h, t, prompt, now, ties=True, broadcast=False,
+                                               strided=False, stateful=len(spec.stateful))
+        rows.append((states, attention, positions, now, prompt))
+    now = torch.tensor([row[3] for row in rows]).view(b, 1, 1)
+    prompt = torch.tensor([row[4] for row in rows]).view(b, 1, 1)
+    attention = torch.cat([row[1] for row in rows])
+    positions = torch.cat([row[2] for row in rows])
+    for step in (FusedStep(spec), _native(spec)):
+        states = [torch.cat([row[0][i] for row in rows]) for i in range(len(spec.stateful))]
+        total, victim = step(states, attention, positions, now, prompt)
+        for r, (row_states, row_attention, row_positions, row_now, row_prompt) in enumerate(rows):
+            alone_states = [s.clone() for s in row_states]
+            alone_total, alone_victim = step(alone_states, row_attention, row_positions, row_now, row_prompt)
+            assert all(torch.equal(s[r : r + 1], a) for s, a in zip(states, alone_states))
+            assert torch.equal(total[r : r + 1], alone_total)
+            assert torch.equal(victim[r : r + 1], alone_victim)
+
+
+def test_per_row_values_of_the_wrong_length_are_refused():
+    spec = FusedSpec((("recency", 1.0, False, "rank", 1.0),), 0, 0, 4)
+    states, attention, positions = _inputs(0, 2, 1, 4, 0, 10, ties=False, broadcast=False, strided=False, stateful=0)
+    with pytest.raises(ValueError, match="for a batch of 2 rows"):
+        _native(spec)(states, attention, positions, torch.tensor([10, 11, 12]).view(3, 1, 1), 0)
