@@ -22,11 +22,18 @@ every step where its row is prefilling (the last chunk of a chunked prefill leav
 preempted request is recomputed: its prompt and every token it generated are prefilled again and all become
 its context (the tokens it had evicted come back), and its scoring starts afresh.
 
-Scorers that read this step's attention get it from a softmax computed here in torch over the request's
-stored keys, read back from the paged cache block by block (the attention op returns no probabilities). The
-keys and values of the generated slots are gathered for the core only where a scorer reads them
-(``Scorer.reads_cache``). The cache's packing (keys row-major or transposed per block, per ISA) is probed
-once per layer through the backend's own write op.
+Scorers that read this step's attention get the softmax of each row's query over its stored keys, averaged
+over each KV head's query group, at the generated slots: one native call per layer reads the keys in place in
+the paged cache (:mod:`momentkv.core.paged_probs`); where it cannot (no compiler, not float32) the keys are read
+back block by block into one tensor and the softmax computed in torch. The keys and values of the generated
+slots are gathered for the core only where a scorer reads them (``Scorer.reads_cache``). The cache's packing
+(keys row-major or transposed per block, per ISA) is probed once per layer through the backend's own write op.
+
+Once a row's budget is full, a plan whose every-step scoring is one closed computation folds through the fused
+step (:meth:`LayerEviction.fold` with per-row ``now`` and context length: natively on the CPU), which also names
+each head's victim for the next token; the impl keeps it beside the row's first generated slot, stamped with
+the fold's sequence index, and the next write takes it without ranking again (any row whose last fold was not
+such a step is ranked by the core as before).
 """
 
 from __future__ import annotations
