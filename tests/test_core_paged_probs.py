@@ -69,8 +69,8 @@ def _reference(q, keys, mask, scale):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), transposed=st.booleans(), block_size=st.sampled_from([8, 16, 32]),
-       head_size=st.sampled_from([16, 64]), kv_heads=st.integers(1, 3), groups=st.integers(1, 4),
+@given(seed=st.integers(0, 2**31 - 1), transposed=st.booleans(), block_size=st.sampled_from([8, 16, 32, 128]),
+       head_size=st.sampled_from([16, 64]), kv_heads=st.integers(1, 3), groups=st.integers(1, 8),
        rows=st.integers(1, 6), spread=st.sampled_from([0.5, 1.0, 3.0]))
 def test_probabilities_match_float64_within_the_rounding_bound(seed, transposed, block_size, head_size, kv_heads,
                                                                groups, rows, spread):
@@ -166,11 +166,41 @@ def test_the_setting_turns_it_off(monkeypatch):
 
 
 def test_the_build_is_keyed_by_this_cpu(monkeypatch, tmp_path):
-    """Built with -march=native: a cache folder shared with another CPU must not hand it this build."""
+    """Built with -march=native only where the CPU's features key the build: a cache folder shared with another
+    CPU must not hand it this build."""
     _needs_compiler()
+    features = native_build.cpu_features()
+    assert paged_probs.LIBRARY.key_extra() == features
+    assert ("-march=native" in paged_probs._FLAGS) == bool(features)
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
     here = native_build.build("paged_probs.cpp", paged_probs._FLAGS, native_build.compiler(),
-                              key_extra=native_build.cpu_features())
+                              key_extra=paged_probs.LIBRARY.key_extra())
     other = native_build.build("paged_probs.cpp", paged_probs._FLAGS, native_build.compiler(),
-                               key_extra=native_build.cpu_features() + b" another cpu")
+                               key_extra=features + b" another cpu")
     assert here != other and here.is_file() and other.is_file()
+
+
+def test_indices_outside_the_tensors_are_refused_before_the_native_call():
+    _needs_compiler()
+    cache, query, tokens, blocks, lengths, first, held = _case(
+        5, transposed=True, block_size=16, head_size=16, kv_heads=2, groups=2, rows=3)
+    native = paged_probs.PagedProbs(16, 16, True)
+    bad = blocks.clone()
+    bad[0, 0] = cache.shape[0]
+    with pytest.raises(ValueError, match="block id"):
+        native(cache, query, tokens, bad, lengths, first, held, 0.25)
+    bad[0, 0] = -1
+    with pytest.raises(ValueError, match="block id"):
+        native(cache, query, tokens, bad, lengths, first, held, 0.25)
+    with pytest.raises(ValueError, match="query index"):
+        native(cache, query, tokens + query.shape[0], blocks, lengths, first, held, 0.25)
+    assert native(cache, query, tokens[:2], blocks, lengths, first, held, 0.25) is None  # rows disagree
+
+
+def test_a_nan_key_makes_its_row_nan_as_torch_does():
+    _needs_compiler()
+    cache, query, tokens, blocks, lengths, first, held = _case(
+        9, transposed=False, block_size=16, head_size=16, kv_heads=1, groups=2, rows=2)
+    cache[blocks[0, 0], 0, 0, 0] = float("nan")  # the first key of row 0
+    got = paged_probs.PagedProbs(16, 16, False)(cache, query, tokens, blocks, lengths, first, held, 0.25)
+    assert bool(got[0].isnan().all()) and not bool(got[1].isnan().any())

@@ -116,11 +116,16 @@ class NativeFunction:
     def __init__(self, source_name: str, symbol: str, flags: tuple[str, ...], what: str, instead: str,
                  key_extra=lambda: b""):
         self.source_name, self.symbol, self.flags = source_name, symbol, flags
-        self.source = read_source(source_name)
         self.what, self.instead, self.key_extra = what, instead, key_extra
         self._lock = threading.Lock()
         self._loaded: list = []  # [function] once loaded, [None] once given up
         self._failure: list[str] = []
+        try:
+            self.source = read_source(source_name)
+        except OSError as error:  # a damaged installation: the first get() warns and returns None
+            self.source, self._unreadable = None, f"{type(error).__name__}: {error}"
+        else:
+            self._unreadable = None
 
     def failure(self) -> str | None:
         """Why the library could not be built or loaded, or ``None``."""
@@ -142,6 +147,8 @@ class NativeFunction:
         with self._lock:
             if not self._loaded:
                 try:
+                    if self._unreadable is not None:
+                        raise RuntimeError(f"its source cannot be read ({self._unreadable})")
                     if ctypes.sizeof(ctypes.c_void_p) != 8:
                         raise RuntimeError("the argument block holds 64-bit addresses; this Python's are not")
                     try:

@@ -99,7 +99,7 @@ class NativeStep:
         )
         self._state_addresses = (ctypes.c_int64 * max(stateful, 1))()
         # The argument block (see native_scoring.cpp): constants written once, the rest at every call. One block per
-        # step object, so calls on one step object must not overlap (a layer's steps never do).
+        # step object, shared by every layer whose spec is equal: calls fill and read it under self._lock.
         self._block = (ctypes.c_int64 * 25)()
         self._block[2] = n
         for i, array in enumerate(self._constants, start=3):

@@ -23,10 +23,11 @@
 
 namespace {
 
-// exp(x) for x <= 0 (a logit minus its row's max); 0 below -87.34 (where exp(x) < 2^-126, the least normal float).
+// exp(x) for x <= 0 (a logit minus its row's max); 0 below -87.34 (where exp(x) < 2^-126, the least normal float);
+// NaN for a NaN, so that a NaN logit makes its row NaN, as torch's softmax does.
 inline float exp_nonpositive(float x) {
-    const float keep = x >= -87.34f ? 1.0f : 0.0f;
-    x = x < -87.34f ? -87.34f : x;
+    const float keep = x >= -87.34f ? 1.0f : (x < -87.34f ? 0.0f : x);  // 0 below the cut, NaN for a NaN
+    x = x >= -87.34f ? x : -87.34f;  // a NaN takes the cut too, so the conversion below stays defined
     const float t = x * 1.44269504088896341f;
     const int32_t n = static_cast<int32_t>(t - 0.5f);  // t <= 0: rounds to nearest, up to ties
     const float fn = static_cast<float>(n);
@@ -39,7 +40,7 @@ inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits = (n + 127) << 23;  // n in [-126, 0]: x >= -87.34 makes t - 0.5 > -127
+    const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;  // n in [-126, 0]: x >= -87.34 makes t - 0.5 > -127
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
     return p * scale * keep;

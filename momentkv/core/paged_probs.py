@@ -10,7 +10,7 @@ and returns only the scored slots' probabilities. Built on first use for this CP
 :mod:`momentkv.core.native_build`); where it cannot be, or for inputs it does not take (not float32, strides it
 does not read), :meth:`PagedProbs.__call__` returns ``None`` and the caller keeps its tensor path.
 
-Rounding: float32 products and sums in another order than torch's matmul, an ``exp`` within 2 ulp and a double
+Rounding: float32 products and sums in another order than torch's matmul, an ``exp`` within a few ulp and a double
 sum in the softmax: the probabilities are within float32 rounding of the exact ones (tested against float64),
 not bit for bit equal to the tensor path's.
 """
@@ -25,12 +25,16 @@ import torch
 
 from momentkv.core import native_build
 
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")
+_CPU = native_build.cpu_features()
+# Tuned to this CPU only where its features key the build (a cache folder shared with another CPU must not hand
+# this build over); elsewhere a generic build.
+_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC",
+          "-std=c++17")
 
 LIBRARY = native_build.NativeFunction(
     "paged_probs.cpp", "momentkv_paged_probs", _FLAGS, "the native paged attention for scorers",
     "the attention scorers read is computed as tensor operations (same results up to rounding, slower)",
-    key_extra=native_build.cpu_features)
+    key_extra=lambda: _CPU)
 
 
 def _float_bits(value: float) -> int:
@@ -79,12 +83,23 @@ class PagedProbs:
                 and query.shape[2] == self.head_size and kv_heads > 0 and query.shape[1] % kv_heads == 0
                 and cache[0, 0].numel() >= 2 * self.block_size * self.head_size and cache[0, 0].is_contiguous()):
             return None
+        if any(t.device.type != "cpu" or t.dim() != 1 or t.numel() != n for t in (tokens, lengths, first)):
+            return None
         index = [t.to(torch.int64).contiguous() for t in (tokens, lengths, first)]
         table = blocks.to(torch.int64)
-        if table.dim() != 2 or table.shape[0] != n or (table.shape[1] > 1 and table.stride(1) != 1):
+        if (table.device.type != "cpu" or table.dim() != 2 or table.shape[0] != n
+                or (table.shape[1] > 1 and table.stride(1) != 1)):
             return None
-        if n and int(lengths.max()) > table.shape[1] * self.block_size:
-            raise ValueError(f"a row stores {int(lengths.max())} tokens, more than its {table.shape[1]} blocks hold")
+        # What the C++ reads must lie inside the tensors it is given: checked here, not trusted.
+        if n and (int(index[0].min()) < 0 or int(index[0].max()) >= query.shape[0]):
+            raise ValueError(f"a query index lies outside the step's {query.shape[0]} tokens")
+        if n and int(index[1].max()) > table.shape[1] * self.block_size:
+            raise ValueError(f"a row stores {int(index[1].max())} tokens, more than its {table.shape[1]} blocks hold")
+        if n:
+            used = -(-index[1] // self.block_size)  # (n,) blocks each row reads
+            read = table[torch.arange(table.shape[1]) < used.unsqueeze(1)]
+            if read.numel() and (int(read.min()) < 0 or int(read.max()) >= cache.shape[0]):
+                raise ValueError(f"a block id lies outside the cache's {cache.shape[0]} blocks")
         out = torch.empty((n, kv_heads, held), dtype=torch.float32)
         if n == 0 or held == 0:
             return out.zero_()
