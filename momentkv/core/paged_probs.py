@@ -64,7 +64,7 @@ class PagedProbs:
             query: ``(num_tokens, heads, head_size)`` float32, rows contiguous; ``heads`` a multiple of kv_heads.
             tokens: ``(n,)`` int64, each row's query among ``query``'s tokens.
             blocks: ``(n, m)`` int64, each row's blocks in order (physical index ``i`` lies in block
-                ``blocks[r, i // block_size]`` at offset ``i % block_size``).
+                ``blocks[r, i // block_size]`` at offset ``i % block_size``); every entry a block of ``cache``.
             lengths: ``(n,)`` int64, tokens stored per row (the softmax runs over indices ``0 .. length-1``).
             first: ``(n,)`` int64, the physical index of each row's first scored slot; slots ``first ..
                 first + held - 1`` are returned.
@@ -90,15 +90,17 @@ class PagedProbs:
         if (table.device.type != "cpu" or table.dim() != 2 or table.shape[0] != n
                 or (table.shape[1] > 1 and table.stride(1) != 1)):
             return None
-        # What the C++ reads must lie inside the tensors it is given: checked here, not trusted.
-        if n and (int(index[0].min()) < 0 or int(index[0].max()) >= query.shape[0]):
-            raise ValueError(f"a query index lies outside the step's {query.shape[0]} tokens")
-        if n and int(index[1].max()) > table.shape[1] * self.block_size:
-            raise ValueError(f"a row stores {int(index[1].max())} tokens, more than its {table.shape[1]} blocks hold")
+        # What the C++ reads must lie inside the tensors it is given: checked here, not trusted (every entry of the
+        # block table must name a block, used or not).
         if n:
-            used = -(-index[1] // self.block_size)  # (n,) blocks each row reads
-            read = table[torch.arange(table.shape[1]) < used.unsqueeze(1)]
-            if read.numel() and (int(read.min()) < 0 or int(read.max()) >= cache.shape[0]):
+            low, high = (int(v) for v in torch.aminmax(index[0]))
+            if low < 0 or high >= query.shape[0]:
+                raise ValueError(f"a query index lies outside the step's {query.shape[0]} tokens")
+            if int(index[1].max()) > table.shape[1] * self.block_size:
+                raise ValueError(f"a row stores {int(index[1].max())} tokens, more than its {table.shape[1]} blocks "
+                                 "hold")
+            low, high = (int(v) for v in torch.aminmax(table))
+            if low < 0 or high >= cache.shape[0]:
                 raise ValueError(f"a block id lies outside the cache's {cache.shape[0]} blocks")
         out = torch.empty((n, kv_heads, held), dtype=torch.float32)
         if n == 0 or held == 0:
