@@ -131,12 +131,6 @@ class NativeFunction:
         """Why the library could not be built or loaded, or ``None``."""
         return self._failure[0] if self._failure else None
 
-    def reset(self) -> None:
-        """Forget the loaded function and any failure (the next :meth:`get` tries again)."""
-        with self._lock:
-            self._loaded.clear()
-            self._failure.clear()
-
     def get(self, builder=None):
         """The loaded function, or ``None`` (warned once). ``builder(rebuild)`` makes the library's path
         (default: :func:`build` with this function's source and flags)."""
