@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 from momentkv.core import native_build, native_scoring, paged_probs
 from momentkv.core.group_attention import group_attention
-from tests.accuracy import assert_within_bound, attention_error_bounds, excess, group_mean_bound
+from tests.accuracy import (assert_within_bound, attention_error_bounds, attention_reference, excess,
+                            group_mean_bound)
 
 
 def _needs_compiler() -> None:
@@ -57,15 +58,10 @@ def _expected(cache, query, tokens, blocks, lengths, first, held, scale, transpo
     q = query[tokens].unsqueeze(2)  # (rows, heads, 1, d)
     mask = (torch.arange(keys.shape[2]) < lengths.unsqueeze(1)).view(len(tokens), 1, 1, -1)
     _, prob_bound = attention_error_bounds(q, keys, keys, mask, scale, torch.float32)
-    _, probs = _reference(q, keys, mask, scale)
+    _, probs = attention_reference(q, keys, keys, mask, scale)
     mean, bound = group_mean_bound(probs[:, :, 0], prob_bound[:, :, 0], groups)
     index = (first.unsqueeze(1) + torch.arange(held)).unsqueeze(1).expand(-1, mean.shape[1], -1)
     return mean.gather(-1, index), bound.gather(-1, index)
-
-
-def _reference(q, keys, mask, scale):
-    from tests.accuracy import attention_reference
-    return attention_reference(q, keys, keys, mask, scale)
 
 
 @settings(max_examples=25, deadline=None)
@@ -170,11 +166,11 @@ def test_the_build_is_keyed_by_this_cpu(monkeypatch, tmp_path):
     CPU must not hand it this build."""
     _needs_compiler()
     features = native_build.cpu_features()
-    assert paged_probs.LIBRARY.key_extra() == features
+    assert paged_probs.LIBRARY.key_extra == features
     assert ("-march=native" in paged_probs._FLAGS) == bool(features)
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path))
     here = native_build.build("paged_probs.cpp", paged_probs._FLAGS, native_build.compiler(),
-                              key_extra=paged_probs.LIBRARY.key_extra())
+                              key_extra=paged_probs.LIBRARY.key_extra)
     other = native_build.build("paged_probs.cpp", paged_probs._FLAGS, native_build.compiler(),
                                key_extra=features + b" another cpu")
     assert here != other and here.is_file() and other.is_file()

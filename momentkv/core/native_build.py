@@ -114,7 +114,7 @@ class NativeFunction:
     """
 
     def __init__(self, source_name: str, symbol: str, flags: tuple[str, ...], what: str, instead: str,
-                 key_extra=lambda: b""):
+                 key_extra: bytes = b""):
         self.source_name, self.symbol, self.flags = source_name, symbol, flags
         self.what, self.instead, self.key_extra = what, instead, key_extra
         self._lock = threading.Lock()
@@ -136,7 +136,7 @@ class NativeFunction:
         (default: :func:`build` with this function's source and flags)."""
         if self._loaded:
             return self._loaded[0]
-        make = builder or (lambda rebuild: build(self.source_name, self.flags, compiler(), rebuild, self.key_extra(),
+        make = builder or (lambda rebuild: build(self.source_name, self.flags, compiler(), rebuild, self.key_extra,
                                                  self.source))
         with self._lock:
             if not self._loaded:

@@ -34,7 +34,7 @@ _FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp-simd", "-fno-m
 LIBRARY = native_build.NativeFunction(
     "paged_probs.cpp", "momentkv_paged_probs", _FLAGS, "the native paged attention for scorers",
     "the attention scorers read is computed as tensor operations (same results up to rounding, slower)",
-    key_extra=lambda: _CPU)
+    key_extra=_CPU)
 
 
 def _float_bits(value: float) -> int:

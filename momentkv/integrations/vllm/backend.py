@@ -242,24 +242,8 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         where = batch.next_slot.unsqueeze(1).repeat(1, heads)  # (R, H)
         if batch.fresh is not None:
             self.states.reset(batch.fresh)
-        scoring = self.core.scoring
         for group in batch.victims:
-            first = group.table[:, 0]
-            if bool((self.named_at[first] == torch.as_tensor(group.newest).reshape(-1)).all()):
-                # Every row's last fold was a steady one that already ranked: its choice stands.
-                slots = group.table.gather(1, self.named[first])  # (n, H)
-                self.states.reset_heads(slots)
-                where[group.rows] = slots
-                continue
-            view = self._view(kv_cache, group.table, group.newest, cache=bool(scoring.at_rank))
-            if scoring.at_rank:  # scorers that run when ranking: they read and update their states
-                self.states.load(scoring, group.table)
-                victim = self.core.lowest(view, group.prompt)  # (n, H, 1)
-                self.states.store(scoring, group.table)
-            else:  # the ranking reads the last step's combined score alone
-                scoring.states, scoring.step_total = [], self.states.totals(group.table)
-                victim = self.core.lowest(view, group.prompt)
-            slots = group.table.gather(1, victim[:, :, 0])  # (n, H)
+            slots = group.table.gather(1, self._victims(group, kv_cache))  # (n, H)
             self.states.reset_heads(slots)
             where[group.rows] = slots
         keys, values = self._split(kv_cache)
@@ -274,8 +258,26 @@ class MomentKVImpl(CPUAttentionBackendImpl):
         values[blocks, head, offsets] = new_values
         self.positions[where, head] = batch.now.unsqueeze(1)
 
+    def _victims(self, group, kv_cache) -> torch.Tensor:
+        """``(n, H)``: each head's victim among the group's generated slots: the one its last fold named where
+        every row's last fold was a steady one that already ranked, else ranked by the core now."""
+        first = group.table[:, 0]
+        if bool((self.named_at[first] == torch.as_tensor(group.newest).reshape(-1)).all()):
+            return self.named[first]
+        scoring = self.core.scoring
+        view = self._view(kv_cache, group.table, group.newest, cache=bool(scoring.at_rank))
+        if scoring.at_rank:  # scorers that run when ranking: they read and update their states
+            self.states.load(scoring, group.table)
+            victim = self.core.lowest(view, group.prompt)  # (n, H, 1)
+            self.states.store(scoring, group.table)
+        else:  # the ranking reads the last step's combined score alone
+            scoring.states, scoring.step_total = [], self.states.totals(group.table)
+            victim = self.core.lowest(view, group.prompt)
+        return victim[:, :, 0]
+
     def _fold(self, batch: DecodeBatch, query, kv_cache) -> None:
-        """Fold this step's attention into the rows' scorer states (``fold`` of the core)."""
+        """Fold this step's attention into the rows' scorer states (``fold`` of the core), and record the victim a
+        steady fold names for the next write (:meth:`_victims`)."""
         scoring = self.core.scoring
         for group in batch.folds:
             attention = None
@@ -293,7 +295,6 @@ class MomentKVImpl(CPUAttentionBackendImpl):
             else:
                 self.named[first] = victim[:, :, 0]
                 self.named_at[first] = torch.as_tensor(group.now).reshape(-1)
-
 
     def _attention(self, group, query, kv_cache) -> torch.Tensor:
         """This step's attention ``(n, kv_heads, held)`` of the group's queries at their generated slots, averaged
