@@ -1,8 +1,10 @@
 """Paired per-document comparisons of `run_recall_far.sh` (or any `momentkv lm-eval --log_samples`) runs.
 
-For each run folder of OUT and one task: the mean of a pass/fail metric over the documents, and McNemar's exact
-test (`momentkv.eval.aggregate.mcnemar`) against the full cache's run and against recency's at the same budget,
-on the same documents: the documents only this policy passes / only the other passes, and the two-sided p.
+For each run folder of OUT and one task, against the full cache's run and against recency's at the same budget,
+on the same documents: for a pass/fail metric (every value 0 or 1), the passes and McNemar's exact test
+(`momentkv.eval.aggregate.mcnemar`: the documents only this policy passes / only the other passes, and the
+two-sided p); for a graded one (a share, such as `lines_correct`), the mean and the paired difference of means
+with its 95% bootstrap interval over documents (`momentkv.eval.aggregate.paired_difference`, seed 0).
 
 Usage: python benchmarks/lm_eval/paired.py OUT TASK [METRIC]     (METRIC defaults to exact)
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from momentkv.eval.aggregate import mcnemar
+from momentkv.eval.aggregate import mcnemar, paired_difference
 
 
 def _samples(folder: Path, task: str, metric: str) -> dict[int, float]:
@@ -39,15 +41,18 @@ def main(out: str, task: str, metric: str = "exact") -> None:
     runs = {label: s for label, s in runs.items() if s}
     wall = _wall(root)
     full = runs.get("full", {})
+    binary = all(v in (0.0, 1.0) for samples in runs.values() for v in samples.values())
 
     def versus(samples: dict[int, float], other: dict[int, float], label: str, other_label: str) -> str:
         if not other or label == other_label:
             return "—"
         docs = sorted(set(samples) & set(other))
-        return mcnemar(np.array([samples[d] for d in docs]), np.array([other[d] for d in docs])).fmt()
+        a, b = np.array([samples[d] for d in docs]), np.array([other[d] for d in docs])
+        return mcnemar(a, b).fmt() if binary else paired_difference(a, b, seed=0).fmt(2)
 
-    print(f"| run | documents | {task}: {metric} | vs full cache (only this / only full, p) | "
-          "vs recency (only this / only recency, p) | wall s |")
+    compared = "only this / only {}, p" if binary else "this - {}, 95% interval"
+    print(f"| run | documents | {task}: {metric} | vs full cache ({compared.format('full')}) | "
+          f"vs recency ({compared.format('recency')}) | wall s |")
     print("|---|---:|---|---|---|---:|")
     order = sorted(runs, key=lambda k: (k != "full", int(k.split("@")[1]) if "@" in k else 0, k))
     for label in order:
@@ -55,7 +60,8 @@ def main(out: str, task: str, metric: str = "exact") -> None:
         budget = label.split("@")[1] if "@" in label else None
         recency_label = f"recency@{budget}" if budget else None
         passed = sum(samples.values())
-        print(f"| {label} | {len(samples)} | {passed:.0f}/{len(samples)} ({passed / len(samples):.2f}) | "
+        score = f"{passed:.0f}/{len(samples)} ({passed / len(samples):.2f})" if binary else f"{passed / len(samples):.2f}"
+        print(f"| {label} | {len(samples)} | {score} | "
               f"{versus(samples, full, label, 'full')} | "
               f"{versus(samples, runs.get(recency_label, {}), label, recency_label)} | {wall.get(label, '—')} |")
 
