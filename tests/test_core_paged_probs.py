@@ -42,6 +42,15 @@ def _case(seed: int, *, transposed: bool, block_size: int, head_size: int, kv_he
     return cache, query, tokens, blocks, lengths, first, held
 
 
+def _over_cases(test):
+    """``test`` as a property over :func:`_case`'s arguments: both packings, block sizes 8-128, head sizes, 1-8
+    query heads per KV head, 1-6 rows, spreads of the inputs."""
+    return settings(max_examples=25, deadline=None)(given(
+        seed=st.integers(0, 2**31 - 1), transposed=st.booleans(), block_size=st.sampled_from([8, 16, 32, 128]),
+        head_size=st.sampled_from([16, 64]), kv_heads=st.integers(1, 3), groups=st.integers(1, 8),
+        rows=st.integers(1, 6), spread=st.sampled_from([0.5, 1.0, 3.0]))(test))
+
+
 def _keys_in_order(cache, blocks, transposed: bool, block_size: int, head_size: int) -> torch.Tensor:
     """``(rows, kv_heads, width * block_size, head_size)`` keys of each row's blocks, in physical order."""
     pool, kv_heads = cache.shape[:2]
@@ -64,23 +73,80 @@ def _expected(cache, query, tokens, blocks, lengths, first, held, scale, transpo
     return mean.gather(-1, index), bound.gather(-1, index)
 
 
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), transposed=st.booleans(), block_size=st.sampled_from([8, 16, 32, 128]),
-       head_size=st.sampled_from([16, 64]), kv_heads=st.integers(1, 3), groups=st.integers(1, 8),
-       rows=st.integers(1, 6), spread=st.sampled_from([0.5, 1.0, 3.0]))
-def test_probabilities_match_float64_within_the_rounding_bound(seed, transposed, block_size, head_size, kv_heads,
-                                                               groups, rows, spread):
+def _values_in_order(cache, blocks, block_size: int, head_size: int) -> torch.Tensor:
+    """``(rows, kv_heads, width * block_size, head_size)`` values of each row's blocks, in physical order."""
+    pool, kv_heads = cache.shape[:2]
+    values = cache.reshape(pool, kv_heads, 2, block_size * head_size)[:, :, 1].view(pool, kv_heads, block_size,
+                                                                                    head_size)
+    rows, width = blocks.shape
+    return values[blocks].permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, width * block_size, head_size)
+
+
+@_over_cases
+def test_probabilities_and_output_match_float64_within_the_rounding_bound(seed, transposed, block_size, head_size,
+                                                                          kv_heads, groups, rows, spread):
+    """The scored slots' probabilities, averaged over each group, within the bound of their computation; asked for
+    it, the same call writes the decode attention's output for its rows (every query head, over the row's stored
+    keys and values) within the bound of softmax attention, other tokens' rows stay as they were, and the
+    probabilities are those of the call without an output, bit for bit."""
     _needs_compiler()
     cache, query, tokens, blocks, lengths, first, held = _case(
         seed, transposed=transposed, block_size=block_size, head_size=head_size, kv_heads=kv_heads, groups=groups,
         rows=rows, spread=spread)
     scale = head_size ** -0.5
     native = paged_probs.PagedProbs(block_size, head_size, transposed)
-    got = native(cache, query, tokens, blocks, lengths, first, held, scale)
+    output = torch.full_like(query, 7.0)
+    got = native(cache, query, tokens, blocks, lengths, first, held, scale, output=output)
     assert got is not None, paged_probs.LIBRARY.failure()
+    assert torch.equal(got, native(cache, query, tokens, blocks, lengths, first, held, scale))
     expected, bound = _expected(cache, query, tokens, blocks, lengths, first, held, scale, transposed, block_size,
                                 head_size, groups)
     assert_within_bound(got, expected, bound, "paged probabilities")
+    keys = _keys_in_order(cache, blocks, transposed, block_size, head_size)
+    values = _values_in_order(cache, blocks, block_size, head_size)
+    q = query[tokens].unsqueeze(2)  # (rows, heads, 1, d)
+    mask = (torch.arange(keys.shape[2]) < lengths.unsqueeze(1)).view(len(tokens), 1, 1, -1)
+    expected, _ = attention_reference(q, keys, values, mask, scale)  # (rows, 1, heads, d)
+    bound, _ = attention_error_bounds(q, keys, values, mask, scale, torch.float32)
+    assert_within_bound(output[tokens], expected[:, 0], bound[:, 0], "paged attention output")
+    untouched = torch.ones(query.shape[0], dtype=torch.bool)
+    untouched[tokens] = False
+    assert bool((output[untouched] == 7.0).all())
+
+
+@pytest.mark.parametrize("fault", ["block", "values"])
+def test_a_planted_fault_in_the_output_breaks_the_bound(fault):
+    """A wrong block, or values other than the ones stored (here: the reference's values rolled by one token),
+    moves the output far past the bound the test allows."""
+    _needs_compiler()
+    bs, d = 16, 64
+    cache, query, tokens, blocks, lengths, first, held = _case(5, transposed=True, block_size=bs, head_size=d,
+                                                               kv_heads=2, groups=2, rows=4, spread=2.0)
+    keys = _keys_in_order(cache, blocks, True, bs, d)
+    values = _values_in_order(cache, blocks, bs, d)
+    q = query[tokens].unsqueeze(2)
+    mask = (torch.arange(keys.shape[2]) < lengths.unsqueeze(1)).view(len(tokens), 1, 1, -1)
+    reference_values = values.roll(1, dims=2) if fault == "values" else values
+    expected, _ = attention_reference(q, keys, reference_values, mask, d ** -0.5)
+    bound, _ = attention_error_bounds(q, keys, values, mask, d ** -0.5, torch.float32)
+    table = torch.cat([blocks[:, :1].roll(1, 0), blocks[:, 1:]], dim=1) if fault == "block" else blocks
+    output = torch.zeros_like(query)
+    assert paged_probs.PagedProbs(bs, d, True)(cache, query, tokens, table, lengths, first, held, d ** -0.5,
+                                               output=output) is not None
+    assert excess(output[tokens], expected[:, 0], bound[:, 0]) > 100
+
+
+def test_an_output_it_cannot_write_leaves_the_call_to_the_caller():
+    """An output that is not float32 rows of the query's shape: nothing is computed, nothing written."""
+    _needs_compiler()
+    cache, query, tokens, blocks, lengths, first, held = _case(3, transposed=False, block_size=16, head_size=16,
+                                                               kv_heads=2, groups=2, rows=3)
+    native = paged_probs.PagedProbs(16, 16, False)
+    for output in (torch.zeros_like(query, dtype=torch.float64), torch.zeros(query.shape[0], query.shape[1], 8),
+                   torch.zeros_like(query).transpose(1, 2).contiguous().transpose(1, 2)):
+        before = output.clone()
+        assert native(cache, query, tokens, blocks, lengths, first, held, 0.25, output=output) is None
+        assert torch.equal(output, before)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -82,3 +82,33 @@ def test_unbatched_groups_give_an_int_now():
     assert len(batch.victims) == 1 and len(batch.folds) == 2
     assert all(isinstance(g.now, int) for g in batch.folds) and all(isinstance(g.newest, int) for g in batch.victims)
     assert all(g.blocks is None and g.mask is None for g in batch.folds)  # no attention scorer: none built
+
+
+@settings(max_examples=20, deadline=None)
+@given(steps(), st.booleans())
+def test_a_batch_moves_to_the_cache_device_whole(step, batched):
+    """A GPU engine's layers index its cache on the GPU: every tensor of the batch moves, nothing else changes.
+    (The ``meta`` device stands for a GPU here: it keeps shapes and dtypes and holds no data.)"""
+    batch = DecodeBatch.make(*step, batched=batched, attention=True)
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+
+    def tensors(value, path="batch"):
+        if isinstance(value, torch.Tensor):
+            yield path, value
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                yield from tensors(v, f"{path}[{i}]")
+        elif hasattr(value, "__dataclass_fields__"):
+            for name in value.__dataclass_fields__:
+                yield from tensors(getattr(value, name), f"{path}.{name}")
+
+    before, after = dict(tensors(batch)), dict(tensors(moved))
+    assert before.keys() == after.keys() and before
+    for path, tensor in after.items():
+        assert tensor.device.type == "meta", path
+        assert (tensor.shape, tensor.dtype) == (before[path].shape, before[path].dtype), path
+    for old, new in zip(batch.folds, moved.folds):
+        assert (new.held, type(new.now)) == (old.held, type(old.now))
+        if isinstance(old.now, int):
+            assert new.now == old.now and new.prompt == old.prompt

@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--blocks", type=int, default=120, help="KV blocks in all (num_gpu_blocks_override)")
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (bfloat16 for FlashAttention on a GPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="let vLLM capture its (piecewise) CUDA graphs instead of running eagerly (a GPU)")
     args = parser.parse_args()
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -78,7 +81,8 @@ def main() -> None:
     prompts = held_out_prompts(args.model_dir, args.requests)
     extra = {} if args.policy in ("plain", "none") else {"additional_config": policy_config(args.policy, args.budget)}
     start = time.perf_counter()
-    llm = LLM(model=args.model_dir, dtype="float32", enforce_eager=True, seed=0, enable_prefix_caching=False,
+    llm = LLM(model=args.model_dir, dtype=args.dtype, enforce_eager=not args.cuda_graphs, seed=0,
+              enable_prefix_caching=False,
               max_model_len=max(map(len, prompts)) + args.new_tokens + 8, block_size=args.block_size,
               num_gpu_blocks_override=args.blocks, max_num_seqs=args.requests,
               gpu_memory_utilization=0.5,  # host memory reserved; the KV space is fixed by the block count

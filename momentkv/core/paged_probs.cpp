@@ -2,14 +2,17 @@
 // slots a scorer folds: momentkv/core/paged_probs.py (PagedProbs) calls it through ctypes, one call per layer.
 //
 // The cache is float32 blocks [num_blocks][kv_heads][2 * block_size * head_size]: per (block, KV head) the keys
-// first (row-major [block_size][head_size], or transposed [head_size][block_size]), then the values (not read).
+// first (row-major [block_size][head_size], or transposed [head_size][block_size]), then the values (row-major
+// [block_size][head_size]; read only where the attention's output is asked for).
 // A row r holds lengths[r] tokens at physical indices 0 .. lengths[r]-1, index i in block
 // blocks[r][i / block_size] at offset i % block_size. For each row and KV head h the step
 //   1. computes every query head j of the group (query head h * groups + j) against every stored key:
 //      l = (q . k) * scale, float32 products and sums;
 //   2. takes the softmax over the row's tokens: m = max l, s = sum exp(l - m) (a double sum), p = exp(l - m) / s;
 //   3. writes out[r][h][i] = (sum over j of p at index first[r] + i) * (1 / groups) for i < held: the mean over
-//      the group, summed in j order and then scaled, as momentkv.core.group_attention.group_mean does.
+//      the group, summed in j order and then scaled, as momentkv.core.group_attention.group_mean does;
+//   4. where an output is given, writes each query head's attention output o = sum over t of p_t v_t (float32,
+//      in token order) into it: the decode attention itself, so that one pass over the keys serves both.
 // exp is a polynomial (range reduction by ln 2, degree 7): within a few ulp of the exact value for arguments in
 // [-87.34, 0] and 0 below (an error under 2^-126), written so that the compiler vectorises it; the result is a softmax within float32 rounding of the exact one,
 // not bit for bit equal to torch's.
@@ -60,6 +63,8 @@ struct Args {
     int64_t held, groups;
     float scale;
     float* out;
+    float* attention;  // [tokens][heads][head_size] with the strides below, or null
+    int64_t attention_token_stride, attention_head_stride;
 };
 
 // Logits of the `groups` query heads `q` ([groups][head_size]) against one block's keys: logits[j][t] for t < count.
@@ -128,6 +133,23 @@ void block_logits(const Args& a, const float* keys, const float* const* q, float
     }
 }
 
+// o[k] = sum over t < length of p[t] * v_t[k], the values read block by block where they lie (after the keys).
+void attend_values(const Args& a, const int64_t* table, int64_t h, const float* p, int64_t length, float* o) {
+    const int64_t d = a.head_size, bs = a.block_size;
+    for (int64_t k = 0; k < d; ++k) o[k] = 0.0f;
+    for (int64_t b = 0; b * bs < length; ++b) {
+        const int64_t count = std::min(bs, length - b * bs);
+        const float* values = a.cache + table[b] * a.block_stride + h * a.head_stride + bs * d;
+        const float* pb = p + b * bs;
+        for (int64_t t = 0; t < count; ++t) {
+            const float weight = pb[t];
+            const float* __restrict v = values + t * d;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) o[k] += weight * v[k];
+        }
+    }
+}
+
 int run(const Args& a) {
     const int64_t g = a.groups;
     std::vector<float> buffer;
@@ -163,7 +185,13 @@ int run(const Args& a) {
                     total += e;
                 }
                 const float inverse = static_cast<float>(1.0 / total);
-                for (int64_t i = 0; i < a.held; ++i) out[i] += l[first + i] * inverse;
+#pragma omp simd
+                for (int64_t t = 0; t < length; ++t) l[t] *= inverse;
+                for (int64_t i = 0; i < a.held; ++i) out[i] += l[first + i];
+                if (a.attention != nullptr) {
+                    float* o = a.attention + a.tokens[r] * a.attention_token_stride + (h * g + j) * a.attention_head_stride;
+                    attend_values(a, table, h, l, length, o);
+                }
             }
             const float mean = 1.0f / static_cast<float>(g);
             for (int64_t i = 0; i < a.held; ++i) out[i] *= mean;
@@ -182,7 +210,8 @@ T pointer(int64_t v) {
 // The argument block, int64 each: 0 cache, 1 block stride, 2 head stride (elements), 3 kv heads, 4 block size,
 // 5 head size, 6 keys transposed, 7 query, 8 query token stride, 9 query head stride, 10 tokens (rows),
 // 11 rows, 12 blocks, 13 blocks' row stride, 14 lengths (rows), 15 first (rows), 16 held, 17 groups,
-// 18 scale (a float's bits), 19 out ([rows][kv heads][held], contiguous).
+// 18 scale (a float's bits), 19 out ([rows][kv heads][held], contiguous), 20 attention output (0: none),
+// 21 its token stride, 22 its head stride (elements; its head_size elements contiguous).
 // Returns 0, 1 on bad sizes, 2 on a row whose slots do not fit its length, 3 when memory runs out.
 extern "C" int momentkv_paged_probs(const int64_t* block) {
     Args a;
@@ -207,6 +236,9 @@ extern "C" int momentkv_paged_probs(const int64_t* block) {
     const int32_t bits = static_cast<int32_t>(block[18]);
     std::memcpy(&a.scale, &bits, sizeof a.scale);
     a.out = pointer<float*>(block[19]);
+    a.attention = pointer<float*>(block[20]);
+    a.attention_token_stride = block[21];
+    a.attention_head_stride = block[22];
     if (a.kv_heads <= 0 || a.block_size <= 0 || a.head_size <= 0 || a.groups <= 0 || a.held < 0 || a.rows < 0)
         return 1;
     try {

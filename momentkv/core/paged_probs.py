@@ -6,13 +6,15 @@ this step's attention need, per request and KV head, the softmax of the new quer
 averaged over the KV head's query group (:func:`momentkv.core.group_attention.group_attention`), at the slots
 they score. As tensor operations that means gathering each request's blocks into one tensor (a copy of every
 stored key), a batched matmul and a softmax over all of it; the native function reads the blocks where they lie
-and returns only the scored slots' probabilities. Built on first use for this CPU (``-march=native``, see
+and returns only the scored slots' probabilities. Asked for it, the same call also writes the decode attention's
+output (``sum_t p_t v_t`` per query head, the values read where they lie), so that an engine can skip its own
+attention kernel and read the keys once. Built on first use for this CPU (``-march=native``, see
 :mod:`momentkv.core.native_build`); where it cannot be, or for inputs it does not take (not float32, strides it
 does not read), :meth:`PagedProbs.__call__` returns ``None`` and the caller keeps its tensor path.
 
 Rounding: float32 products and sums in another order than torch's matmul, an ``exp`` within a few ulp and a double
-sum in the softmax: the probabilities are within float32 rounding of the exact ones (tested against float64),
-not bit for bit equal to the tensor path's.
+sum in the softmax: the probabilities, and the output (a float32 sum in token order), are within float32
+rounding of the exact ones (tested against float64), not bit for bit equal to the tensor path's.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ class PagedProbs:
 
     def __init__(self, block_size: int, head_size: int, transposed: bool):
         self.block_size, self.head_size, self.transposed = int(block_size), int(head_size), bool(transposed)
-        self._block = (ctypes.c_int64 * 20)()
+        self._block = (ctypes.c_int64 * 23)()
         self._lock = threading.Lock()
 
     def __call__(self, cache: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor, blocks: torch.Tensor,
-                 lengths: torch.Tensor, first: torch.Tensor, held: int, scaling: float) -> torch.Tensor | None:
+                 lengths: torch.Tensor, first: torch.Tensor, held: int, scaling: float,
+                 output: torch.Tensor | None = None) -> torch.Tensor | None:
         """Probabilities ``(n, kv_heads, held)`` float32, or ``None`` where the native function is off or these
-        inputs are not ones it reads.
+        inputs are not ones it reads (``output`` then untouched).
 
         Args:
             cache: see the class docstring.
@@ -70,6 +73,9 @@ class PagedProbs:
                 first + held - 1`` are returned.
             held: scored slots per row.
             scaling: the softmax scale of ``q . k``.
+            output: ``(num_tokens, heads, head_size)`` float32, each head's ``head_size`` contiguous, or ``None``:
+                where given, row ``tokens[r]`` receives each query head's attention output over the row's
+                stored tokens (keys and values), the rest left as they are.
         """
         if not native_build.enabled():
             return None
@@ -84,6 +90,10 @@ class PagedProbs:
                 and cache[0, 0].numel() >= 2 * self.block_size * self.head_size and cache[0, 0].is_contiguous()):
             return None
         if any(t.device.type != "cpu" or t.dim() != 1 or t.numel() != n for t in (tokens, lengths, first)):
+            return None
+        if output is not None and not (output.dtype == torch.float32 and output.device.type == "cpu"
+                                       and output.dim() == 3 and output.shape[0] == query.shape[0]
+                                       and output.shape[1:] == query.shape[1:] and output.stride(2) == 1):
             return None
         index = [t.to(torch.int64).contiguous() for t in (tokens, lengths, first)]
         table = blocks.to(torch.int64)
@@ -103,7 +113,7 @@ class PagedProbs:
             if low < 0 or high >= cache.shape[0]:
                 raise ValueError(f"a block id lies outside the cache's {cache.shape[0]} blocks")
         out = torch.empty((n, kv_heads, held), dtype=torch.float32)
-        if n == 0 or held == 0:
+        if n == 0 or (held == 0 and output is None):
             return out.zero_()
         with self._lock:
             b = self._block
@@ -113,6 +123,8 @@ class PagedProbs:
             b[10], b[11], b[12], b[13] = index[0].data_ptr(), n, table.data_ptr(), table.stride(0)
             b[14], b[15], b[16], b[17] = index[1].data_ptr(), index[2].data_ptr(), int(held), query.shape[1] // kv_heads
             b[18], b[19] = _float_bits(float(scaling)), out.data_ptr()
+            b[20], b[21], b[22] = ((output.data_ptr(), output.stride(0), output.stride(1)) if output is not None
+                                   else (0, 0, 0))
             status = fn(b)
         if status == 1:
             raise ValueError("momentkv: the native paged attention was given impossible sizes")

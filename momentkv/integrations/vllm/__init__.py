@@ -11,9 +11,12 @@ the main process it wraps ``EngineArgs.create_engine_config``: once the config e
 and checked against what the vLLM backend supports (:func:`check`), a refusal raising momentkv's
 ``PolicyError`` from ``vllm.LLM(...)`` itself, and the policy is put into the environment
 (``MOMENTKV_VLLM_POLICY``) that the engine-core and worker processes inherit. In a process where that
-variable is set, the CPU attention backend is overridden by :mod:`momentkv.integrations.vllm.backend`, and
+variable is set, the attention backend is overridden (on the CPU ``CPU_ATTN`` by
+:mod:`momentkv.integrations.vllm.backend`; on CUDA ``FLASH_ATTN`` and ``TRITON_ATTN`` by
+:mod:`momentkv.integrations.vllm.cuda`, with one of them chosen for the engine when the user chose none), and
 the attention layers report a KV-cache spec whose manager caps each request's blocks at what its context and
-the budget need (:mod:`momentkv.integrations.vllm.blocks`), so the scheduler admits more requests.
+the budget need (:mod:`momentkv.integrations.vllm.blocks`), so the scheduler admits more requests. A layer
+whose backend is not one of these refuses the spec, so a policy never silently goes unapplied.
 
 Nothing here is imported by ``import momentkv``; this module imports vLLM only inside :func:`register`.
 """
@@ -28,6 +31,9 @@ from momentkv.errors import PolicyError
 ENV = "MOMENTKV_VLLM_POLICY"
 CONFIG_KEY = "momentkv"
 BACKEND = "momentkv.integrations.vllm.backend.MomentKVCPUBackend"
+# vLLM's CUDA backends the plugin overrides, by name, and the classes that override them.
+CUDA_BACKENDS = {"FLASH_ATTN": "momentkv.integrations.vllm.cuda.MomentKVFlashBackend",
+                 "TRITON_ATTN": "momentkv.integrations.vllm.cuda.MomentKVTritonBackend"}
 
 
 def policy_source(additional_config=None):
@@ -93,9 +99,7 @@ def check(source, vllm_config=None, num_layers: int = 1):
     if vllm_config is not None:
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
-            problems.append(f"the {current_platform.device_name} platform: the backend overrides vLLM's CPU attention "
-                            "backend only (CUDA backends are not covered yet), so a policy there would not apply")
+        problems += _platform_problems(current_platform, vllm_config)
         model = vllm_config.model_config
         text = getattr(model, "hf_text_config", model.hf_config)
         num_layers = int(getattr(text, "num_hidden_layers", 1))
@@ -118,6 +122,41 @@ def check(source, vllm_config=None, num_layers: int = 1):
     return policy
 
 
+def _platform_problems(platform, vllm_config) -> list[str]:
+    """Where the plugin's overrides would not run: a platform other than the CPU and CUDA, or on CUDA an
+    attention backend the user chose that is not one of :data:`CUDA_BACKENDS`."""
+    if platform.is_cpu():
+        return []
+    if not getattr(platform, "is_cuda", lambda: False)():
+        return [f"the {platform.device_name} platform: the backend overrides vLLM's CPU attention backend and, on "
+                f"CUDA, {' and '.join(CUDA_BACKENDS)}, so a policy there would not apply"]
+    attention = getattr(vllm_config, "attention_config", None)
+    chosen = getattr(attention, "backend", None)
+    if chosen is not None and chosen.name not in CUDA_BACKENDS:
+        return [f"the {chosen.name} attention backend: on CUDA the plugin overrides {' and '.join(CUDA_BACKENDS)} "
+                "(choose one of them, or none)"]
+    per_kind = getattr(attention, "backend_per_kind", None) or {}
+    if any(b.name not in CUDA_BACKENDS for b in per_kind.values()):
+        return [f"attention backends per KV-cache kind ({per_kind}): on CUDA the plugin overrides "
+                f"{' and '.join(CUDA_BACKENDS)} only"]
+    return []
+
+
+def choose_cuda_backend(vllm_config) -> None:
+    """On CUDA with no attention backend chosen, choose the one the plugin overrides: ``FLASH_ATTN`` for half
+    precision, ``TRITON_ATTN`` otherwise (FlashAttention takes float16 and bfloat16 only). Left to vLLM,
+    some GPUs would get FlashInfer, which the plugin does not cover."""
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention = getattr(vllm_config, "attention_config", None)
+    if not current_platform.is_cuda() or attention is None or attention.backend is not None:
+        return
+    half = vllm_config.model_config.dtype in (torch.float16, torch.bfloat16)
+    attention.backend = AttentionBackendEnum.FLASH_ATTN if half else AttentionBackendEnum.TRITON_ATTN
+
+
 _EXPORTED: list[str] = []  # the value this process put into $MOMENTKV_VLLM_POLICY, if any
 
 
@@ -125,19 +164,24 @@ def _budget(vllm_config) -> int | None:
     """The policy's budget in this process; ``None`` when no policy is set (an engine without one)."""
     if not os.environ.get(ENV, "").strip():
         return None
-    from momentkv.integrations.vllm.backend import runtime
+    from momentkv.integrations.vllm.evicting import runtime
 
     return runtime(vllm_config).budget
 
 
 def register_backend() -> None:
-    """In this process: the CPU attention backend overridden, the block-capped KV spec registered and reported
-    by the attention layers (:mod:`momentkv.integrations.vllm.blocks`)."""
+    """In this process: the attention backends overridden (the CPU's, or on CUDA :data:`CUDA_BACKENDS`), the
+    block-capped KV spec registered and reported by the attention layers (:mod:`momentkv.integrations.vllm.blocks`)."""
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend as _register
 
     from momentkv.integrations.vllm import blocks
 
-    _register(AttentionBackendEnum.CPU_ATTN, BACKEND)
+    if current_platform.is_cuda():
+        for name, path in CUDA_BACKENDS.items():
+            _register(AttentionBackendEnum[name], path)
+    else:
+        _register(AttentionBackendEnum.CPU_ATTN, BACKEND)
     blocks.register_spec()
     blocks.install_spec(_budget)
 
@@ -148,7 +192,8 @@ def _forget_exported() -> None:
         del os.environ[ENV]
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-        AttentionBackendEnum.CPU_ATTN.clear_override()
+        for name in ("CPU_ATTN", *CUDA_BACKENDS):
+            AttentionBackendEnum[name].clear_override()
     _EXPORTED.clear()
 
 
@@ -166,6 +211,7 @@ def _wrap_create_engine_config() -> None:
         if source is not None:
             policy = check(source, config)
             if policy.decode is not None:
+                choose_cuda_backend(config)
                 os.environ[ENV] = json.dumps(source)  # the engine-core and worker processes inherit it
                 _EXPORTED.append(os.environ[ENV])
                 register_backend()  # for an engine run in this very process

@@ -119,7 +119,8 @@ def register_spec() -> None:
 
 def install_spec(budget_of) -> None:
     """Make every decoder attention layer report :class:`MomentKVSpec` in this (worker) process while
-    ``budget_of(vllm_config)`` gives a budget (``None``: no policy, vLLM's own spec)."""
+    ``budget_of(vllm_config)`` gives a budget (``None``: no policy, vLLM's own spec); a layer whose attention
+    backend is not momentkv's (``momentkv_evicts``) refuses, with ``PolicyError``."""
     from vllm.model_executor.layers.attention.attention import Attention
 
     original = Attention.get_kv_cache_spec
@@ -130,6 +131,14 @@ def install_spec(budget_of) -> None:
         spec = original(self, vllm_config)
         budget = budget_of(vllm_config)
         if budget is not None and type(spec) is FullAttentionSpec:
+            backend = getattr(self, "attn_backend", None)
+            if not getattr(backend, "momentkv_evicts", False):  # its cache writes would ignore the capped blocks
+                from momentkv.errors import PolicyError
+
+                name = backend.get_name() if hasattr(backend, "get_name") else backend
+                raise PolicyError(f"momentkv's vLLM backend does not support the {name} attention backend of layer "
+                                  f"{getattr(self, 'layer_name', '?')}: the plugin overrides CPU_ATTN, FLASH_ATTN "
+                                  "and TRITON_ATTN")
             fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
             spec = MomentKVSpec(**fields, momentkv_budget=budget)
         return spec

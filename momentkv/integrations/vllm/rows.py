@@ -112,3 +112,23 @@ class DecodeBatch:
                                    _now(prompt[rows], batched), tokens[rows], blocks, mask, where))
         fresh = next_slot[~full] if not bool(full.all()) else None
         return cls(tokens, now, next_slot, fresh, victims, folds)
+
+    def to(self, device) -> DecodeBatch:
+        """This batch with every tensor on ``device`` (itself where they already are there): the builder makes it
+        on the CPU, the layers of a GPU engine index the cache on the GPU."""
+        device = torch.device(device)
+        if self.tokens.device == device:
+            return self
+        return _moved(self, device)
+
+
+def _moved(value, device):
+    """``value`` with its tensors moved to ``device``: a tensor, a list, or one of this module's dataclasses."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value)})
+    return value
