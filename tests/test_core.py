@@ -50,7 +50,8 @@ def _attention(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return table.gather(-1, positions)
 
 
-@pytest.mark.parametrize("policy", ["moment.yaml", "h2o.yaml", "tova.yaml", "keydiff.yaml"])
+# raas.yaml: a scorer whose state has two channels (a pool of (2, slots, heads)).
+@pytest.mark.parametrize("policy", ["moment.yaml", "h2o.yaml", "tova.yaml", "keydiff.yaml", "raas.yaml"])
 def test_paged_states_evict_what_dense_slots_evict(policy):
     """The same tokens through the core twice: once in contiguous slots (the transformers layer's layout), once
     scattered over a pool by a block table with states paged alike (a serving engine's). Every step evicts

@@ -223,7 +223,8 @@ class EvictingImpl:
         k = v = None
         if cache and self.rt.reads_cache:
             k, v = self._read(kv_cache, table)
-        positions = self.positions.view(-1).take(self.states.flat_index(table))  # (n, H, T), contiguous
+        flat = self.states.flat_index(table)
+        positions = self.positions.view(-1).index_select(0, flat.view(-1)).view(flat.shape)  # (n, H, T)
         return ScoreContext(None, k, None, positions=positions, values=v, now=now,
                             layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers)
 
