@@ -60,7 +60,8 @@ class PagedProbs:
                  lengths: torch.Tensor, first: torch.Tensor, held: int, scaling: float,
                  output: torch.Tensor | None = None) -> torch.Tensor | None:
         """Probabilities ``(n, kv_heads, held)`` float32, or ``None`` where the native function is off or these
-        inputs are not ones it reads (``output`` then untouched).
+        inputs are not ones it reads (``output`` then untouched) or it ran out of memory (``output`` then may hold
+        some rows' results: the caller computes the attention again).
 
         Args:
             cache: see the class docstring.

@@ -69,6 +69,10 @@ def test_an_engine_the_backend_does_not_cover_is_refused(monkeypatch):
     from types import SimpleNamespace as NS
 
     check("moment.yaml", _config())  # this CPU platform, vLLM's defaults: accepted
+    mla = _config()
+    mla.model_config.use_mla = True  # its layers are not the attention layers whose blocks the plugin caps
+    with pytest.raises(PolicyError, match=r"multi-head latent attention \(MLA\) models"):
+        check("moment.yaml", mla)
     with pytest.raises(PolicyError, match="prefix caching"):
         check("moment.yaml", _config(enable_prefix_caching=True))
     with pytest.raises(PolicyError, match="prefix_cache_retention_interval"):
@@ -80,12 +84,14 @@ def test_an_engine_the_backend_does_not_cover_is_refused(monkeypatch):
         check("moment.yaml", _config())
 
 
-def _on_cuda(monkeypatch):
+def _on_cuda(monkeypatch, capability=(9, 0)):
     import vllm.platforms
     from types import SimpleNamespace as NS
 
+    major, minor = capability
     monkeypatch.setattr(vllm.platforms, "current_platform",
-                        NS(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda"))
+                        NS(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda",
+                           get_device_capability=lambda: NS(major=major, minor=minor)))
 
 
 @pytest.mark.parametrize("chosen, refused", [(None, False), ("FLASH_ATTN", False), ("TRITON_ATTN", False),
@@ -106,12 +112,13 @@ def test_on_cuda_an_attention_backend_it_does_not_override_is_refused(monkeypatc
         check("moment.yaml", config)
 
 
-@pytest.mark.parametrize("dtype, chosen, expected", [("float32", None, "TRITON_ATTN"), ("bfloat16", None, "FLASH_ATTN"),
-                                                     ("float16", None, "FLASH_ATTN"),
-                                                     ("float32", "FLASH_ATTN", "FLASH_ATTN")])
-def test_on_cuda_the_engine_gets_a_backend_the_plugin_overrides(monkeypatch, dtype, chosen, expected):
+@pytest.mark.parametrize("dtype, capability, chosen, expected", [
+    ("float32", (9, 0), None, "TRITON_ATTN"), ("bfloat16", (9, 0), None, "FLASH_ATTN"),
+    ("float16", (8, 0), None, "FLASH_ATTN"), ("float16", (7, 5), None, "TRITON_ATTN"),
+    ("float32", (9, 0), "FLASH_ATTN", "FLASH_ATTN")])
+def test_on_cuda_the_engine_gets_a_backend_the_plugin_overrides(monkeypatch, dtype, capability, chosen, expected):
     """Left to vLLM, some GPUs would get FlashInfer, which the plugin does not cover; FlashAttention takes half
-    precision only. A backend the user chose stays."""
+    precision only, on Ampere (8.0) and later. A backend the user chose stays."""
     from types import SimpleNamespace as NS
 
     import torch
@@ -123,7 +130,7 @@ def test_on_cuda_the_engine_gets_a_backend_the_plugin_overrides(monkeypatch, dty
                 attention_config=NS(backend=AttentionBackendEnum[chosen] if chosen else None))
     choose_cuda_backend(config)  # this CPU platform: nothing to choose
     assert config.attention_config.backend == (AttentionBackendEnum[chosen] if chosen else None)
-    _on_cuda(monkeypatch)
+    _on_cuda(monkeypatch, capability)
     choose_cuda_backend(config)
     assert config.attention_config.backend == AttentionBackendEnum[expected]
 

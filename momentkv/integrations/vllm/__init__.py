@@ -105,6 +105,8 @@ def check(source, vllm_config=None, num_layers: int = 1):
         num_layers = int(getattr(text, "num_hidden_layers", 1))
         if getattr(text, "sliding_window", None) is not None or "sliding_attention" in (getattr(text, "layer_types", None) or []):
             problems.append("models with sliding-window layers")
+        if getattr(model, "use_mla", False):
+            problems.append("multi-head latent attention (MLA) models")
         if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
             problems.append("prefix caching: pass enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
         if getattr(vllm_config.cache_config, "prefix_cache_retention_interval", 0) != 0:
@@ -144,8 +146,9 @@ def _platform_problems(platform, vllm_config) -> list[str]:
 
 def choose_cuda_backend(vllm_config) -> None:
     """On CUDA with no attention backend chosen, choose the one the plugin overrides: ``FLASH_ATTN`` for half
-    precision, ``TRITON_ATTN`` otherwise (FlashAttention takes float16 and bfloat16 only). Left to vLLM,
-    some GPUs would get FlashInfer, which the plugin does not cover."""
+    precision on a GPU of compute capability 8.0 or more, ``TRITON_ATTN`` otherwise (FlashAttention takes float16
+    and bfloat16 only, on Ampere and later). Left to vLLM, some GPUs would get FlashInfer, which the plugin does
+    not cover."""
     import torch
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -154,7 +157,9 @@ def choose_cuda_backend(vllm_config) -> None:
     if not current_platform.is_cuda() or attention is None or attention.backend is not None:
         return
     half = vllm_config.model_config.dtype in (torch.float16, torch.bfloat16)
-    attention.backend = AttentionBackendEnum.FLASH_ATTN if half else AttentionBackendEnum.TRITON_ATTN
+    capability = current_platform.get_device_capability()
+    ampere = capability is not None and capability.major >= 8
+    attention.backend = AttentionBackendEnum.FLASH_ATTN if half and ampere else AttentionBackendEnum.TRITON_ATTN
 
 
 _EXPORTED: list[str] = []  # the value this process put into $MOMENTKV_VLLM_POLICY, if any

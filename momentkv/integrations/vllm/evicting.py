@@ -56,6 +56,7 @@ from momentkv.core.group_attention import group_attention
 from momentkv.core.paged import PagedStates
 from momentkv.core.paged_probs import PagedProbs
 from momentkv.core.plan import build_plans
+from momentkv.errors import PolicyError
 from momentkv.integrations.vllm import check, policy_source
 from momentkv.integrations.vllm.rows import DecodeBatch
 from momentkv.scoring.base import ScoreContext
@@ -124,13 +125,13 @@ class EvictingBuilder:
         rows, tokens, prompts, generated = [], [], [], []
         for r in range(n):
             first, length = int(table[r, 0]), int(seq[r])
+            if first == 0:  # the null block: a dummy (warm-up) row, left to the stock path and never recorded
+                continue
             if (bool(prefilling[r]) if prefilling is not None else int(qlen[r]) > 1) or int(qlen[r]) != 1:
                 self.prompts[first] = length
                 continue
             prompt = self.prompts.get(first)
             if prompt is None:
-                if first == 0:  # the null block: a dummy run, left to the stock path
-                    continue
                 # Its blocks are capped (blocks.py): the stock write would land outside them.
                 raise RuntimeError(f"momentkv: a decode row (first block {first}) whose prefill was never seen")
             g = length - 1 - prompt
@@ -160,6 +161,9 @@ class EvictingImpl:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self, "kv_sharing_target_layer_name", None) is not None:  # it would write into another's cache
+            raise PolicyError(f"momentkv's vLLM backend does not support layers that share another layer's KV cache "
+                              f"({self.kv_sharing_target_layer_name})")
         self.rt = runtime()
         self.core: LayerEviction | None = None
 
