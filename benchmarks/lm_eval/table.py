@@ -39,7 +39,9 @@ def main(out: Path) -> None:
           + " | evicted | budget / held | most generated kept | wall s |")
     print("|---" * (len(COLUMNS) + 5) + "|")
     counts = set()
-    for label, seconds in walls.items():
+    # The full cache first, then by budget, then by name (the wall-time file lists runs in the order they ended).
+    order = sorted(walls, key=lambda k: (k != "full", int(k.split("@")[1]) if "@" in k else 0, k))
+    for label, seconds in ((label, walls[label]) for label in order):
         files = sorted((out / label).rglob("results_*.json"))
         if files:
             results = json.loads(files[-1].read_text())
