@@ -17,10 +17,10 @@ model=${VLLM_VENV:-.venv-vllm}/models/smollm2
 mkdir -p "$out"
 start=$(date +%s)
 for config in ${CONFIGS:-plain none moment.yaml moment-stock-attention recency.yaml}; do
-    budget=(); [[ "$config" == *.yaml ]] && budget=(--budget 128)
     policy=$config; fused=1
     # moment.yaml with vLLM's own attention kernel for decode steps instead of the scorers' pass (docs/vllm.md)
-    if [ "$config" = moment-stock-attention ]; then policy=moment.yaml; fused=0; budget=(--budget 128); fi
+    if [ "$config" = moment-stock-attention ]; then policy=moment.yaml; fused=0; fi
+    budget=(); [[ "$policy" == *.yaml ]] && budget=(--budget 128)
     echo "[$(( $(date +%s) - start )) s] $config (load: $(cut -d' ' -f1-3 /proc/loadavg))"
     MOMENTKV_VLLM_FUSED_ATTENTION=$fused \
     "$py" benchmarks/vllm/concurrency.py "$model" "$out/${config%.yaml}.json" --policy "$policy" "${budget[@]}" \

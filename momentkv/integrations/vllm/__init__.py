@@ -129,18 +129,18 @@ def _platform_problems(platform, vllm_config) -> list[str]:
     attention backend the user chose that is not one of :data:`CUDA_BACKENDS`."""
     if platform.is_cpu():
         return []
+    cuda = " and ".join(CUDA_BACKENDS)
     if not getattr(platform, "is_cuda", lambda: False)():
         return [f"the {platform.device_name} platform: the backend overrides vLLM's CPU attention backend and, on "
-                f"CUDA, {' and '.join(CUDA_BACKENDS)}, so a policy there would not apply"]
+                f"CUDA, {cuda}, so a policy there would not apply"]
     attention = getattr(vllm_config, "attention_config", None)
     chosen = getattr(attention, "backend", None)
     if chosen is not None and chosen.name not in CUDA_BACKENDS:
-        return [f"the {chosen.name} attention backend: on CUDA the plugin overrides {' and '.join(CUDA_BACKENDS)} "
+        return [f"the {chosen.name} attention backend: on CUDA the plugin overrides {cuda} "
                 "(choose one of them, or none)"]
     per_kind = getattr(attention, "backend_per_kind", None) or {}
     if any(b.name not in CUDA_BACKENDS for b in per_kind.values()):
-        return [f"attention backends per KV-cache kind ({per_kind}): on CUDA the plugin overrides "
-                f"{' and '.join(CUDA_BACKENDS)} only"]
+        return [f"attention backends per KV-cache kind ({per_kind}): on CUDA the plugin overrides {cuda} only"]
     return []
 
 

@@ -134,11 +134,12 @@ def install_spec(budget_of) -> None:
             backend = getattr(self, "attn_backend", None)
             if not getattr(backend, "momentkv_evicts", False):  # its cache writes would ignore the capped blocks
                 from momentkv.errors import PolicyError
+                from momentkv.integrations.vllm import CUDA_BACKENDS
 
                 name = backend.get_name() if hasattr(backend, "get_name") else backend
                 raise PolicyError(f"momentkv's vLLM backend does not support the {name} attention backend of layer "
-                                  f"{getattr(self, 'layer_name', '?')}: the plugin overrides CPU_ATTN, FLASH_ATTN "
-                                  "and TRITON_ATTN")
+                                  f"{getattr(self, 'layer_name', '?')}: the plugin overrides CPU_ATTN, "
+                                  f"{', '.join(CUDA_BACKENDS)}")
             fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
             spec = MomentKVSpec(**fields, momentkv_budget=budget)
         return spec

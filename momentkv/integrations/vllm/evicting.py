@@ -153,7 +153,6 @@ class EvictingBuilder:
         return _with_decode(type(meta))(**fields, decode=decode)
 
 
-
 class EvictingImpl:
     """Mixin over a stock attention impl: decode rows are written into their victim slots and folded into the
     scorers; everything else (prefill rows, the attention itself) is the stock impl's. A subclass names where
@@ -227,8 +226,7 @@ class EvictingImpl:
         k = v = None
         if cache and self.rt.reads_cache:
             k, v = self._read(kv_cache, table)
-        flat = self.states.flat_index(table)
-        positions = self.positions.view(-1).index_select(0, flat.view(-1)).view(flat.shape)  # (n, H, T)
+        positions = self.states.read(self.positions, table)  # (n, H, T)
         return ScoreContext(None, k, None, positions=positions, values=v, now=now,
                             layer_idx=self.plan.layer_idx, num_layers=self.plan.num_layers)
 
@@ -242,9 +240,9 @@ class EvictingImpl:
         if batch is None:
             self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, attn_metadata.slot_mapping[:n])
         else:
-            stock = torch.ones(n, dtype=torch.bool, device=key.device)
-            stock[batch.tokens] = False
-            if bool(stock.any()):
+            if len(batch.tokens) < n:  # prefilling rows too (the decode rows' tokens are distinct)
+                stock = torch.ones(n, dtype=torch.bool, device=key.device)
+                stock[batch.tokens] = False
                 self.do_kv_cache_update(layer, key[:n][stock], value[:n][stock], kv_cache,
                                         attn_metadata.slot_mapping[:n][stock])
             if self.core is None:
