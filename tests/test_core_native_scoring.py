@@ -103,6 +103,26 @@ def test_exactly_rounded_specs_equal_the_tensor_step_bit_for_bit(parts, dims, si
         assert torch.equal(victim_e, victim_n)
 
 
+@pytest.mark.parametrize("t", [17, 1024, 1025, 1500])
+def test_ranks_counted_and_sorted_equal_the_tensor_step(t):
+    """Up to 1,024 slots the native step counts each slot's rank (vectorised comparisons), above it sorts: both
+    equal torch's stable sort bit for bit, ties (a quarter-step grid), NaN and signed zeros included."""
+    spec = FusedSpec((("ema", 0.9, False, "rank", 1.0), ("recency", 1.0, False, "rank", 0.5),
+                      ("instantaneous", 1.0, False, "rank", 2.0)), 1, 2, t)
+    prompt, now = 5, 5 + t - 1 + 7
+    states, attention, positions = _inputs(t, 2, 2, t, prompt, now, ties=True, broadcast=False, strided=False,
+                                           stateful=1)
+    attention[0, 0, :3] = torch.tensor([float("nan"), -0.0, 0.0])
+    eager = _steps(FusedStep(spec), [s.clone() for s in states], attention, positions, now, prompt, 2)
+    native = _steps(_native(spec), [s.clone() for s in states], attention, positions, now, prompt, 2)
+    exactly = dict(rtol=0, atol=0, equal_nan=True)
+    for (states_e, total_e, victim_e), (states_n, total_n, victim_n) in zip(eager, native):
+        for x, y in zip(states_e, states_n):
+            torch.testing.assert_close(y, x, **exactly)
+        torch.testing.assert_close(total_n, total_e, **exactly)
+        assert torch.equal(victim_e, victim_n)
+
+
 def _separated(values: torch.Tensor, rel: float) -> bool:
     """No two values of a row within ``rel`` (relative) of each other."""
     ordered = values.double().sort(dim=-1).values

@@ -51,6 +51,36 @@ inline uint64_t sort_key(float v, int64_t slot) {
     return (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(slot);
 }
 
+// Sort keys' ranks up to this many slots are counted (below), above it sorted.
+const int64_t kCountedRanks = 1024;
+
+// rank[i] = the position of slot i in the stable ascending order of `order` (the high halves of sort_key): the
+// slots j that come before it, order[j] < order[i] or equal with j < i. The same permutation as sorting the keys,
+// by t * t comparisons, sixteen slots i at a time against each j so that they vectorise without a horizontal sum:
+// for the few hundred slots of a budget, several times faster than a sort.
+void ranks_by_count(const uint32_t* order, int64_t t, int32_t* rank) {
+    constexpr int kWidth = 32;
+    for (int64_t start = 0; start < t; start += kWidth) {
+        uint32_t key[kWidth];
+        int32_t slot[kWidth], below[kWidth];
+        for (int k = 0; k < kWidth; ++k) {
+            key[k] = start + k < t ? order[start + k] : 0u;
+            slot[k] = static_cast<int32_t>(start + k);
+            below[k] = 0;
+        }
+        for (int64_t j = 0; j < t; ++j) {
+            const uint32_t other = order[j];
+            const int32_t other_slot = static_cast<int32_t>(j);
+#pragma omp simd
+            for (int k = 0; k < kWidth; ++k) {
+                const int32_t less = other < key[k], equal = other == key[k], earlier = other_slot < slot[k];
+                below[k] += less | (equal & earlier);
+            }
+        }
+        for (int k = 0; k < kWidth && start + k < t; ++k) rank[start + k] = below[k];
+    }
+}
+
 void normalise(float* v, int64_t t, int how) {
     if (how == NONE || t == 0) return;
     if (how == SUM || how == MAX) {
@@ -160,6 +190,8 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     }
     std::vector<float> out(static_cast<size_t>(t)), rank_sum(static_cast<size_t>(t)), age(static_cast<size_t>(t));
     std::vector<uint64_t> order(static_cast<size_t>(t));
+    std::vector<uint32_t> high(static_cast<size_t>(t));
+    std::vector<int32_t> rank_of(static_cast<size_t>(t));
     const float inf = std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t* pos = positions + row_of(r, positions_strides);
@@ -199,13 +231,23 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
             }
             const float weight = weights[p];
             if (norms[p] == RANK) {
-                for (int64_t i = 0; i < t; ++i) order[i] = sort_key(out[i], i);
-                std::sort(order.begin(), order.end());
-                for (int64_t k = 0; k < t; ++k) {
-                    float rank = steps[k];
-                    if (weight != 1.0f) rank = rank * weight;
-                    float& slot = rank_sum[order[k] & 0xFFFFFFFFu];
-                    slot = have_ranks ? slot + rank : rank;
+                if (t <= kCountedRanks) {
+                    for (int64_t i = 0; i < t; ++i) high[i] = static_cast<uint32_t>(sort_key(out[i], i) >> 32);
+                    ranks_by_count(high.data(), t, rank_of.data());
+                    for (int64_t i = 0; i < t; ++i) {
+                        float rank = steps[rank_of[i]];
+                        if (weight != 1.0f) rank = rank * weight;
+                        rank_sum[i] = have_ranks ? rank_sum[i] + rank : rank;
+                    }
+                } else {
+                    for (int64_t i = 0; i < t; ++i) order[i] = sort_key(out[i], i);
+                    std::sort(order.begin(), order.end());
+                    for (int64_t k = 0; k < t; ++k) {
+                        float rank = steps[k];
+                        if (weight != 1.0f) rank = rank * weight;
+                        float& slot = rank_sum[order[k] & 0xFFFFFFFFu];
+                        slot = have_ranks ? slot + rank : rank;
+                    }
                 }
                 have_ranks = true;
                 continue;

@@ -32,13 +32,17 @@ from momentkv.core import native_build
 ENV = native_build.SWITCH
 _KINDS = {"ema": 0, "accumulated": 1, "instantaneous": 2, "recency": 3}
 _NORMS = {"none": 0, "sum": 1, "max": 2, "zscore": 3, "rank": 4}
-_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-fno-fast-math")
+_CPU = native_build.cpu_features()
+# Vectorised for this CPU only where its features key the build (as paged_probs); never contracted into fused
+# multiply-adds, never reassociated (no reduction without an explicit order), so the arithmetic stays torch's.
+_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17",
+          "-ffp-contract=off", "-fno-fast-math")
 
 
 def _library() -> native_build.NativeFunction:
     return native_build.NativeFunction(
         "native_scoring.cpp", "momentkv_fused_scoring_call", _FLAGS, "the native scoring step",
-        "scoring runs as tensor operations (same results up to rounding, slower)")
+        "scoring runs as tensor operations (same results up to rounding, slower)", key_extra=_CPU)
 
 
 LIBRARY = _library()
@@ -61,7 +65,8 @@ def _compiler() -> list[str] | None:
 def _build(rebuild: bool = False) -> Path:
     """The shared library for this source (as read at import), compiler and machine: the cached one, or a new
     build."""
-    return native_build.build("native_scoring.cpp", _FLAGS, _compiler(), rebuild, source=LIBRARY.source)
+    return native_build.build("native_scoring.cpp", _FLAGS, _compiler(), rebuild, key_extra=LIBRARY.key_extra,
+                              source=LIBRARY.source)
 
 
 def _function():

@@ -14,15 +14,23 @@
 //   4. where an output is given, writes each query head's attention output o = sum over t of p_t v_t (float32,
 //      in token order) into it: the decode attention itself, so that one pass over the keys serves both.
 // exp is a polynomial (range reduction by ln 2, degree 7): within a few ulp of the exact value for arguments in
-// [-87.34, 0] and 0 below (an error under 2^-126), written so that the compiler vectorises it; the result is a softmax within float32 rounding of the exact one,
-// not bit for bit equal to torch's.
+// [-87.34, 0] and 0 below (an error under 2^-126), written so that the compiler vectorises it; the result is a
+// softmax within float32 rounding of the exact one, not bit for bit equal to torch's.
+// The (row, KV head) pairs are shared among OpenMP threads (as many as the caller names: torch's intra-op count,
+// on the OpenMP runtime torch has loaded); each pair is computed by one thread, so the result does not depend on
+// their number. Every index is checked before anything is written.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <new>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -65,6 +73,7 @@ struct Args {
     float* out;
     float* attention;  // [tokens][heads][head_size] with the strides below, or null
     int64_t attention_token_stride, attention_head_stride;
+    int64_t num_blocks, num_tokens, blocks_per_row, threads;
 };
 
 // Logits of the `groups` query heads `q` ([groups][head_size]) against one block's keys: logits[j][t] for t < count.
@@ -133,10 +142,34 @@ void block_logits(const Args& a, const float* keys, const float* const* q, float
     }
 }
 
-// o[k] = sum over t < length of p[t] * v_t[k], the values read block by block where they lie (after the keys).
-void attend_values(const Args& a, const int64_t* table, int64_t h, const float* p, int64_t length, float* o) {
+// o_j[k] = sum over t < length of p_j[t] * v_t[k] for the G query heads j of one KV head, the values read block by
+// block where they lie (after the keys), each value row once for the whole group, in token order; D and G fixed
+// at compile time so that the G accumulators stay in registers.
+template <int D, int G>
+void attend_values_group(const Args& a, const int64_t* table, int64_t h, const float* const* p, int64_t length,
+                         float* const* o) {
+    const int64_t bs = a.block_size;
+    float acc[G][D] = {};
+    for (int64_t b = 0; b * bs < length; ++b) {
+        const int64_t count = std::min(bs, length - b * bs);
+        const float* values = a.cache + table[b] * a.block_stride + h * a.head_stride + bs * D;
+        for (int64_t t = 0; t < count; ++t) {
+            const float* __restrict v = values + t * D;
+            for (int j = 0; j < G; ++j) {
+                const float weight = p[j][b * bs + t];
+#pragma omp simd
+                for (int k = 0; k < D; ++k) acc[j][k] += weight * v[k];
+            }
+        }
+    }
+    for (int j = 0; j < G; ++j) std::memcpy(o[j], acc[j], sizeof acc[j]);
+}
+
+// Any head size: one query head at a time, the sum in a local buffer.
+void attend_values_one(const Args& a, const int64_t* table, int64_t h, const float* p, int64_t length, float* o,
+                       float* acc) {
     const int64_t d = a.head_size, bs = a.block_size;
-    for (int64_t k = 0; k < d; ++k) o[k] = 0.0f;
+    for (int64_t k = 0; k < d; ++k) acc[k] = 0.0f;
     for (int64_t b = 0; b * bs < length; ++b) {
         const int64_t count = std::min(bs, length - b * bs);
         const float* values = a.cache + table[b] * a.block_stride + h * a.head_stride + bs * d;
@@ -145,59 +178,133 @@ void attend_values(const Args& a, const int64_t* table, int64_t h, const float* 
             const float weight = pb[t];
             const float* __restrict v = values + t * d;
 #pragma omp simd
-            for (int64_t k = 0; k < d; ++k) o[k] += weight * v[k];
+            for (int64_t k = 0; k < d; ++k) acc[k] += weight * v[k];
         }
+    }
+    std::memcpy(o, acc, static_cast<size_t>(d) * sizeof(float));
+}
+
+// Query heads `p`/`o` of one KV head, in groups the register blocking fits (4 x 64 or 2 x 128 accumulators).
+template <int D, int MaxG>
+void attend_values_fixed(const Args& a, const int64_t* table, int64_t h, const float* const* p, int64_t length,
+                         float* const* o) {
+    int64_t j = 0;
+    for (; j + MaxG <= a.groups; j += MaxG) attend_values_group<D, MaxG>(a, table, h, p + j, length, o + j);
+    switch (a.groups - j) {
+        case 3: attend_values_group<D, 3>(a, table, h, p + j, length, o + j); break;
+        case 2: attend_values_group<D, 2>(a, table, h, p + j, length, o + j); break;
+        case 1: attend_values_group<D, 1>(a, table, h, p + j, length, o + j); break;
+        default: break;
     }
 }
 
-int run(const Args& a) {
-    const int64_t g = a.groups;
-    std::vector<float> buffer;
-    std::vector<const float*> q(g);
-    std::vector<float*> logits(g);
+void attend_values(const Args& a, const int64_t* table, int64_t h, const float* const* p, int64_t length,
+                   float* const* o, float* acc) {
+    if (a.head_size == 64) return attend_values_fixed<64, 4>(a, table, h, p, length, o);
+    if (a.head_size == 128) return attend_values_fixed<128, 2>(a, table, h, p, length, o);
+    for (int64_t j = 0; j < a.groups; ++j) attend_values_one(a, table, h, p[j], length, o[j], acc);
+}
+
+// 0 when every row's indices lie inside the tensors the call was given, else the status naming the first problem:
+// 2 a row's scored slots outside its stored tokens, 4 a query index outside the step's tokens, 5 a row storing
+// more tokens than its block table holds, 6 a block id outside the cache (only the blocks a row reads).
+int check(const Args& a) {
     for (int64_t r = 0; r < a.rows; ++r) {
         const int64_t length = a.lengths[r], first = a.first[r];
         if (length <= 0 || first < 0 || first + a.held > length) return 2;
-        const int64_t padded = (length + a.block_size - 1) / a.block_size * a.block_size;
-        buffer.resize(static_cast<size_t>(g * padded));
-        const float* query = a.query + a.tokens[r] * a.query_token_stride;
+        if (a.tokens[r] < 0 || a.tokens[r] >= a.num_tokens) return 4;
+        if (length > a.blocks_per_row * a.block_size) return 5;
         const int64_t* table = a.blocks + r * a.blocks_row_stride;
-        for (int64_t h = 0; h < a.kv_heads; ++h) {
-            for (int64_t j = 0; j < g; ++j) q[j] = query + (h * g + j) * a.query_head_stride;
-            for (int64_t b = 0; b * a.block_size < length; ++b) {
-                const int64_t count = std::min(a.block_size, length - b * a.block_size);
-                const float* keys = a.cache + table[b] * a.block_stride + h * a.head_stride;
-                for (int64_t j = 0; j < g; ++j) logits[j] = buffer.data() + j * padded + b * a.block_size;
-                block_logits(a, keys, q.data(), logits.data(), count);
-            }
-            float* out = a.out + (r * a.kv_heads + h) * a.held;
-            for (int64_t i = 0; i < a.held; ++i) out[i] = 0.0f;
-            for (int64_t j = 0; j < g; ++j) {
-                float* l = buffer.data() + j * padded;
-                float peak = l[0];
-#pragma omp simd reduction(max : peak)
-                for (int64_t t = 1; t < length; ++t) peak = l[t] > peak ? l[t] : peak;
-                double total = 0.0;
-#pragma omp simd reduction(+ : total)
-                for (int64_t t = 0; t < length; ++t) {
-                    const float e = exp_nonpositive(l[t] - peak);
-                    l[t] = e;
-                    total += e;
-                }
-                const float inverse = static_cast<float>(1.0 / total);
-#pragma omp simd
-                for (int64_t t = 0; t < length; ++t) l[t] *= inverse;
-                for (int64_t i = 0; i < a.held; ++i) out[i] += l[first + i];
-                if (a.attention != nullptr) {
-                    float* o = a.attention + a.tokens[r] * a.attention_token_stride + (h * g + j) * a.attention_head_stride;
-                    attend_values(a, table, h, l, length, o);
-                }
-            }
-            const float mean = 1.0f / static_cast<float>(g);
-            for (int64_t i = 0; i < a.held; ++i) out[i] *= mean;
+        for (int64_t b = 0; b * a.block_size < length; ++b) {
+            if (table[b] < 0 || table[b] >= a.num_blocks) return 6;
         }
     }
     return 0;
+}
+
+// One row r and KV head h: the logits of the group's query heads, their softmax, the scored slots' group mean
+// into out, and (where asked) each query head's attention output. logits: groups * padded floats, acc:
+// head_size floats (scratch).
+void one_head(const Args& a, int64_t r, int64_t h, int64_t padded, float* logits_buffer, float* acc) {
+    const int64_t g = a.groups, length = a.lengths[r], first = a.first[r];
+    constexpr int64_t kMaxGroups = 64;
+    const float* q[kMaxGroups];
+    float* logits[kMaxGroups];
+    const float* query = a.query + a.tokens[r] * a.query_token_stride;
+    const int64_t* table = a.blocks + r * a.blocks_row_stride;
+    for (int64_t j = 0; j < g; ++j) q[j] = query + (h * g + j) * a.query_head_stride;
+    for (int64_t b = 0; b * a.block_size < length; ++b) {
+        const int64_t count = std::min(a.block_size, length - b * a.block_size);
+        const float* keys = a.cache + table[b] * a.block_stride + h * a.head_stride;
+        for (int64_t j = 0; j < g; ++j) logits[j] = logits_buffer + j * padded + b * a.block_size;
+        block_logits(a, keys, q, logits, count);
+    }
+    float* out = a.out + (r * a.kv_heads + h) * a.held;
+    for (int64_t i = 0; i < a.held; ++i) out[i] = 0.0f;
+    for (int64_t j = 0; j < g; ++j) {
+        float* l = logits_buffer + j * padded;
+        logits[j] = l;
+        float peak = l[0];
+#pragma omp simd reduction(max : peak)
+        for (int64_t t = 1; t < length; ++t) peak = l[t] > peak ? l[t] : peak;
+        double total = 0.0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < length; ++t) {
+            const float e = exp_nonpositive(l[t] - peak);
+            l[t] = e;
+            total += e;
+        }
+        const float inverse = static_cast<float>(1.0 / total);
+#pragma omp simd
+        for (int64_t t = 0; t < length; ++t) l[t] *= inverse;
+        for (int64_t i = 0; i < a.held; ++i) out[i] += l[first + i];
+    }
+    const float mean = 1.0f / static_cast<float>(g);
+    for (int64_t i = 0; i < a.held; ++i) out[i] *= mean;
+    if (a.attention != nullptr) {
+        float* o[kMaxGroups];
+        const float* p[kMaxGroups];
+        float* row = a.attention + a.tokens[r] * a.attention_token_stride;
+        for (int64_t j = 0; j < g; ++j) {
+            o[j] = row + (h * g + j) * a.attention_head_stride;
+            p[j] = logits[j];
+        }
+        attend_values(a, table, h, p, length, o, acc);
+    }
+}
+
+// Every (row, KV head) pair, spread over `threads` OpenMP threads (each pair written by one thread, so the result
+// does not depend on their number). Returns check's status, or 3 when a thread's scratch could not be allocated
+// (then some pairs may be written, others not).
+int run(const Args& a) {
+    const int status = check(a);
+    if (status != 0) return status;
+    int64_t padded = 0;
+    for (int64_t r = 0; r < a.rows; ++r) {
+        padded = std::max(padded, (a.lengths[r] + a.block_size - 1) / a.block_size * a.block_size);
+    }
+    const int64_t pairs = a.rows * a.kv_heads;
+    std::atomic<int> failed{0};
+#pragma omp parallel num_threads(static_cast<int>(a.threads)) if (a.threads > 1 && pairs > 1)
+    {
+        std::vector<float> logits, acc;
+        try {
+            logits.resize(static_cast<size_t>(a.groups * padded));
+            acc.resize(static_cast<size_t>(a.head_size));
+        } catch (...) {
+            failed = 3;
+        }
+        if (!logits.empty()) {
+#ifdef _OPENMP
+            const int64_t step = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+            const int64_t step = 1, id = 0;
+#endif
+            for (int64_t i = id; i < pairs; i += step) one_head(a, i / a.kv_heads, i % a.kv_heads, padded,
+                                                                logits.data(), acc.data());
+        }
+    }
+    return failed.load();
 }
 
 template <typename T>
@@ -211,8 +318,10 @@ T pointer(int64_t v) {
 // 5 head size, 6 keys transposed, 7 query, 8 query token stride, 9 query head stride, 10 tokens (rows),
 // 11 rows, 12 blocks, 13 blocks' row stride, 14 lengths (rows), 15 first (rows), 16 held, 17 groups,
 // 18 scale (a float's bits), 19 out ([rows][kv heads][held], contiguous), 20 attention output (0: none),
-// 21 its token stride, 22 its head stride (elements; its head_size elements contiguous).
-// Returns 0, 1 on bad sizes, 2 on a row whose slots do not fit its length, 3 when memory runs out.
+// 21 its token stride, 22 its head stride (elements; its head_size elements contiguous), 23 blocks in the cache,
+// 24 tokens in the query, 25 entries per row of the block table, 26 threads (OpenMP, at most).
+// Returns 0, 1 on bad sizes, 3 when memory runs out, or check's status (2, 4, 5, 6: an index outside the tensors
+// given; nothing written then).
 extern "C" int momentkv_paged_probs(const int64_t* block) {
     Args a;
     a.cache = pointer<const float*>(block[0]);
@@ -239,6 +348,12 @@ extern "C" int momentkv_paged_probs(const int64_t* block) {
     a.attention = pointer<float*>(block[20]);
     a.attention_token_stride = block[21];
     a.attention_head_stride = block[22];
+    a.num_blocks = block[23];
+    a.num_tokens = block[24];
+    a.blocks_per_row = block[25];
+    a.threads = block[26];
+    if (a.threads <= 0) return 1;
+    if (a.groups > 64) return 7;  // declined: the caller computes it
     if (a.kv_heads <= 0 || a.block_size <= 0 || a.head_size <= 0 || a.groups <= 0 || a.held < 0 || a.rows < 0)
         return 1;
     try {

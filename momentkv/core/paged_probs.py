@@ -30,8 +30,15 @@ from momentkv.core import native_build
 _CPU = native_build.cpu_features()
 # Tuned to this CPU only where its features key the build (a cache folder shared with another CPU must not hand
 # this build over); elsewhere a generic build.
-_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC",
+_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp", "-fno-math-errno", "-shared", "-fPIC",
           "-std=c++17")
+_STATUS = {  # the native function's refusals (nothing written): what was wrong with the indices it was given
+    1: "the native paged attention was given impossible sizes",
+    2: "a row's scored slots lie outside its stored tokens",
+    4: "a query index lies outside the step's tokens",
+    5: "a row stores more tokens (its length) than its block table holds",
+    6: "a block id lies outside the cache's blocks",
+}
 
 LIBRARY = native_build.NativeFunction(
     "paged_probs.cpp", "momentkv_paged_probs", _FLAGS, "the native paged attention for scorers",
@@ -53,7 +60,7 @@ class PagedProbs:
 
     def __init__(self, block_size: int, head_size: int, transposed: bool):
         self.block_size, self.head_size, self.transposed = int(block_size), int(head_size), bool(transposed)
-        self._block = (ctypes.c_int64 * 23)()
+        self._block = (ctypes.c_int64 * 27)()
         self._lock = threading.Lock()
 
     def __call__(self, cache: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor, blocks: torch.Tensor,
@@ -100,18 +107,6 @@ class PagedProbs:
         if (table.device.type != "cpu" or table.dim() != 2 or table.shape[0] != n
                 or (table.shape[1] > 1 and table.stride(1) != 1)):
             return None
-        # What the C++ reads must lie inside the tensors it is given: checked here, not trusted (every entry of the
-        # block table must name a block, used or not).
-        if n:
-            low, high = (int(v) for v in torch.aminmax(index[0]))
-            if low < 0 or high >= query.shape[0]:
-                raise ValueError(f"a query index lies outside the step's {query.shape[0]} tokens")
-            if int(index[1].max()) > table.shape[1] * self.block_size:
-                raise ValueError(f"a row stores {int(index[1].max())} tokens, more than its {table.shape[1]} blocks "
-                                 "hold")
-            low, high = (int(v) for v in torch.aminmax(table))
-            if low < 0 or high >= cache.shape[0]:
-                raise ValueError(f"a block id lies outside the cache's {cache.shape[0]} blocks")
         out = torch.empty((n, kv_heads, held), dtype=torch.float32)
         if n == 0 or (held == 0 and output is None):
             return out.zero_()
@@ -125,9 +120,9 @@ class PagedProbs:
             b[18], b[19] = _float_bits(float(scaling)), out.data_ptr()
             b[20], b[21], b[22] = ((output.data_ptr(), output.stride(0), output.stride(1)) if output is not None
                                    else (0, 0, 0))
+            # Checked by the C++ before it reads (not trusted): every index inside the tensors named here.
+            b[23], b[24], b[25], b[26] = cache.shape[0], query.shape[0], table.shape[1], torch.get_num_threads()
             status = fn(b)
-        if status == 1:
-            raise ValueError("momentkv: the native paged attention was given impossible sizes")
-        if status == 2:
-            raise ValueError("momentkv: a row's scored slots lie outside its stored tokens")
+        if status in _STATUS:
+            raise ValueError(f"momentkv: {_STATUS[status]}")
         return None if status else out
