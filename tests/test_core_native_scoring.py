@@ -123,6 +123,57 @@ def test_ranks_counted_and_sorted_equal_the_tensor_step(t):
         assert torch.equal(victim_e, victim_n)
 
 
+@settings(max_examples=40, deadline=None)
+@given(parts=st.lists(part, min_size=1, max_size=3),
+       b=st.integers(1, 4), h=st.integers(1, 3), t=st.integers(1, 40), sinks=st.integers(0, 3),
+       recent=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_the_paged_step_on_pools_equals_the_step_on_gathered_views(parts, b, h, t, sinks, recent, seed):
+    """A paged engine's per-slot pools, folded where they lie (cells named by a flat index), end exactly as
+    gathering them, stepping, and scattering back would leave them: states, totals and victims, bit for bit; the
+    cells no row names are untouched."""
+    parts = tuple((k, a, c and (k != "ema" or a == 1.0), n, w) for k, a, c, n, w in parts)  # as the test above
+    spec = FusedSpec(parts, sinks, recent, t)
+    step = _native(spec)
+    g = torch.Generator().manual_seed(seed)
+    slots = b * t + 7
+    table = torch.randperm(slots, generator=g)[: b * t].view(b, t)  # each row's slots, distinct
+    flat = table.unsqueeze(-2) * h + torch.arange(h).view(h, 1)  # (b, h, t)
+    now = torch.randint(t + 10, t + 60, (b, 1, 1), generator=g)
+    prompt = torch.randint(0, 10, (b, 1, 1), generator=g)
+    positions = torch.randint(0, 1000, (slots, h), generator=g)
+    for r in range(b):  # distinct positions at or before now, after the prompt
+        for head in range(h):
+            span = int(now[r]) - int(prompt[r]) + 1
+            positions[table[r], head] = torch.randperm(span, generator=g)[:t] + int(prompt[r])
+    pools = [((torch.rand(slots, h, generator=g) * 4).floor() / 4) for _ in spec.stateful]
+    attention = (torch.rand(b, h, t, generator=g) * 4).floor() / 4
+    total = torch.full((slots, h), -7.0)
+
+    dense_states = [p.view(-1)[flat] for p in pools]
+    expected_total, expected_victim = step(dense_states, attention, positions.view(-1)[flat], now, prompt)
+    expected_pools = [p.clone() for p in pools]
+    for pool, state in zip(expected_pools, dense_states):
+        pool.view(-1)[flat] = state
+    expected_cells = total.clone()
+    expected_cells.view(-1)[flat] = expected_total
+
+    victim = step.paged(pools, total, positions, flat.contiguous(), attention, now, prompt)
+    assert torch.equal(victim, expected_victim)
+    assert all(torch.equal(p, q) for p, q in zip(pools, expected_pools))
+    assert torch.equal(total, expected_cells)
+
+
+def test_a_paged_index_outside_the_pools_is_refused_before_anything_changes():
+    spec = FusedSpec((("ema", 0.9, False, "rank", 1.0),), 0, 0, 4)
+    step = _native(spec)
+    pools, total = [torch.ones(10, 1)], torch.zeros(10, 1)
+    positions = torch.arange(10).view(10, 1)
+    index = torch.tensor([[[0, 1, 2, 10]]])
+    with pytest.raises(ValueError, match="outside the per-slot pools"):
+        step.paged(pools, total, positions, index, torch.zeros(1, 1, 4), 20, 0)
+    assert torch.equal(pools[0], torch.ones(10, 1)) and torch.equal(total, torch.zeros(10, 1))
+
+
 def _separated(values: torch.Tensor, rel: float) -> bool:
     """No two values of a row within ``rel`` (relative) of each other."""
     ordered = values.double().sort(dim=-1).values

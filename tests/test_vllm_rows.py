@@ -43,8 +43,6 @@ def test_the_batch_names_the_documented_slots(step, batched):
     for r in range(len(tokens)):
         if not full[r]:  # a full row's next index lies past its blocks: it writes into a victim's slot
             assert int(batch.next_slot[r]) == _slot(rows[r], prompt[r] + generated[r], block_size)
-    growing = [_slot(rows[r], prompt[r] + generated[r], block_size) for r in range(len(tokens)) if not full[r]]
-    assert (batch.fresh is None and not growing) or batch.fresh.tolist() == growing
 
     ranked = [int(r) for group in batch.victims for r in group.rows]
     assert sorted(ranked) == [r for r in range(len(tokens)) if full[r]]

@@ -147,6 +147,25 @@ class LayerEviction:
         scoring.attention, scoring.step_total = attention, total
         self._next = (view, victim)
 
+    def fold_in_place(self, attention: torch.Tensor | None, states: list[torch.Tensor], total: torch.Tensor,
+                      positions: torch.Tensor, index: torch.Tensor, now, prompt_tokens) -> torch.Tensor | None:
+        """The steady fold of :meth:`fold` on a paged engine's per-slot pools, natively and in place: ``states``
+        (the pools of the spec's stateful scorers), ``total`` and ``positions`` ``(num_slots, kv_heads)``, the
+        batch's evictable slots at flat cells ``index`` ``(batch, kv_heads, budget)``. Returns the victims
+        ``(batch, kv_heads, 1)`` for the next token, or ``None`` with nothing changed where this plan has no native
+        steady step (the caller then gathers the states and calls :meth:`fold`)."""
+        spec = self.spec
+        if (spec is None or index.shape[-1] != spec.budget or positions.device.type != "cpu"
+                or torch.compiler.is_compiling()
+                or (compile_enabled(positions.device) and not isinstance(now, torch.Tensor))  # as fold decides
+                or (attention is None and spec.needs_attention)):
+            return None
+        native = _native_for(spec)
+        if native is None:
+            return None
+        self._next = None
+        return native.paged(states, total, positions, index, attention, now, prompt_tokens)
+
     def named_victim(self, view: ScoreContext) -> torch.Tensor | None:
         """``(batch, kv_heads, 1)``: the slot each head gives to the next token, as the last :meth:`fold` of
         ``view`` named it in its fused step (what :meth:`lowest` would return for this view), else ``None``."""

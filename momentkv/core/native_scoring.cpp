@@ -27,6 +27,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace {
 
 enum Kind { EMA = 0, ACCUMULATED = 1, INSTANTANEOUS = 2, RECENCY = 3 };
@@ -50,6 +54,24 @@ inline uint64_t sort_key(float v, int64_t slot) {
     }
     return (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(slot);
 }
+
+// Row buffers of one thread.
+struct Scratch {
+    std::vector<float> out, rank_sum, age;
+    std::vector<uint64_t> order;
+    std::vector<uint32_t> high;
+    std::vector<int32_t> rank_of;
+    std::vector<int64_t> positions;  // paged: the row's positions, gathered
+    std::vector<float> total;        // paged: the row's total, scattered at the end
+    void resize(int64_t t, bool paged) {
+        const size_t n = static_cast<size_t>(t);
+        out.resize(n), rank_sum.resize(n), age.resize(n), order.resize(n), high.resize(n), rank_of.resize(n);
+        if (paged) positions.resize(n), total.resize(n);
+    }
+};
+
+// Calls with fewer rows x slots than this run on one thread (a team costs more than it saves).
+const int64_t kParallelElements = 4096;
 
 // Sort keys' ranks up to this many slots are counted (below), above it sorted.
 const int64_t kCountedRanks = 1024;
@@ -145,7 +167,7 @@ const float* rank_steps(int64_t t) {
 }
 
 // Returns 0; 1 when a part's kind, correction or normalisation is unknown, 2 when a slot's position is after
-// `now` (positions that are not this step's): nothing is written then.
+// `now` (positions that are not this step's), 4 when an index lies outside the pools: nothing is written then.
 //   rows, t                 rows = batch * kv_heads, t = evictable slots per row
 //   parts                   number of scorers; kinds/alphas/log_alphas/corrected/norms/weights: one entry each
 //                           (log_alphas: ln alpha rounded to float32 from double, as torch rounds a scalar;
@@ -160,12 +182,16 @@ const float* rank_steps(int64_t t) {
 //                           batch stand at different steps), or null: `now` and `prompt_tokens` for every row
 //   total                   float32 (rows, t) out: the ranking score, protections not applied
 //   victim                  int64 (rows) out: each row's lowest unprotected slot
+//   index                   null, or int64 (rows, t): the states, positions and total are then per-slot pools
+//                           (an engine's paged cache: (slots * heads) cells each) and row r's slot i is cell
+//                           index[r * t + i] of each (states updated there, positions read there, total written
+//                           there); distinct (the caller's), each checked to lie in [0, cells)
 int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* kinds, const float* alphas,
                        const float* log_alphas, const int32_t* corrected, const int32_t* norms, const float* weights,
                        float* const* states, int64_t heads, const float* attention, const int64_t* attention_strides,
                        const int64_t* positions, const int64_t* positions_strides, int64_t now_all,
                        int64_t prompt_all, int64_t sinks, int64_t recent, float* total, int64_t* victim,
-                       const int64_t* nows, const int64_t* prompts) {
+                       const int64_t* nows, const int64_t* prompts, int64_t threads, const int64_t* index, int64_t cells) {
     auto row_of = [heads](int64_t r, const int64_t* strides) { return (r / heads) * strides[0] + (r % heads) * strides[1]; };
     auto now_of = [&](int64_t r) { return nows ? nows[r / heads] : now_all; };
     for (int64_t p = 0; p < parts; ++p) {
@@ -174,11 +200,12 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     }
     int64_t max_age = 0;
     for (int64_t r = 0; r < rows; ++r) {
-        const int64_t* pos = positions + row_of(r, positions_strides);
         const int64_t now = now_of(r);
         for (int64_t i = 0; i < t; ++i) {
-            if (pos[i] > now) return 2;
-            max_age = std::max(max_age, now - pos[i]);
+            if (index && (index[r * t + i] < 0 || index[r * t + i] >= cells)) return 4;
+            const int64_t at = index ? positions[index[r * t + i]] : positions[row_of(r, positions_strides) + i];
+            if (at > now) return 2;
+            max_age = std::max(max_age, now - at);
         }
     }
     // Everything that allocates comes before the first write, so that a failed allocation (status 3) leaves the
@@ -188,15 +215,36 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     for (int64_t p = 0; p < parts; ++p) {
         if (kinds[p] == EMA && corrected[p] == DECAYED) decayed[p] = &expm1_table(log_alphas[p], max_age);
     }
-    std::vector<float> out(static_cast<size_t>(t)), rank_sum(static_cast<size_t>(t)), age(static_cast<size_t>(t));
-    std::vector<uint64_t> order(static_cast<size_t>(t));
-    std::vector<uint32_t> high(static_cast<size_t>(t));
-    std::vector<int32_t> rank_of(static_cast<size_t>(t));
+    // Rows are independent: they are shared among `threads` OpenMP threads (one thread for a small call), each
+    // with its own row buffers, made here; each row is computed by one thread, so the result does not depend on
+    // their number.
+    const int64_t team = (rows * t >= kParallelElements) ? std::max<int64_t>(1, std::min(threads, rows)) : 1;
+    std::vector<Scratch> scratch(static_cast<size_t>(team));
+    for (Scratch& each : scratch) each.resize(t, index != nullptr);
     const float inf = std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp parallel num_threads(static_cast<int>(team)) if (team > 1)
+    {
+#ifdef _OPENMP
+    const int64_t id = omp_get_thread_num(), stride = omp_get_num_threads();
+#else
+    const int64_t id = 0, stride = 1;
+#endif
+    Scratch& mine = scratch[static_cast<size_t>(id)];
+    std::vector<float>& out = mine.out;
+    std::vector<float>& rank_sum = mine.rank_sum;
+    std::vector<float>& age = mine.age;
+    std::vector<uint64_t>& order = mine.order;
+    std::vector<uint32_t>& high = mine.high;
+    std::vector<int32_t>& rank_of = mine.rank_of;
+    for (int64_t r = id; r < rows; r += stride) {
+        const int64_t* slot = index ? index + r * t : nullptr;  // paged: the row's cells in the pools
         const int64_t* pos = positions + row_of(r, positions_strides);
+        if (slot) {
+            for (int64_t i = 0; i < t; ++i) mine.positions[i] = positions[slot[i]];
+            pos = mine.positions.data();
+        }
         const float* att = attention ? attention + row_of(r, attention_strides) : nullptr;
-        float* tot = total + r * t;
+        float* tot = slot ? mine.total.data() : total + r * t;
         const int64_t now = now_of(r), prompt_tokens = prompts ? prompts[r / heads] : prompt_all;
         for (int64_t i = 0; i < t; ++i) age[i] = static_cast<float>(now - pos[i]);
         bool have_total = false, have_ranks = false;
@@ -208,13 +256,14 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
             } else if (kind == INSTANTANEOUS) {
                 for (int64_t i = 0; i < t; ++i) out[i] = att[i];
             } else {
-                float* s = states[state_index++] + r * t;
+                float* s = states[state_index++];
                 const float alpha = alphas[p];
                 for (int64_t i = 0; i < t; ++i) {
-                    float v = s[i];
+                    float& cell = slot ? s[slot[i]] : s[r * t + i];
+                    float v = cell;
                     if (kind == EMA) v = v * alpha;
                     v = v + att[i];
-                    s[i] = v;
+                    cell = v;
                     out[i] = v;
                 }
                 if (kind == EMA && corrected[p] == MEAN) {
@@ -280,6 +329,10 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
             }
         }
         victim[r] = best;
+        if (slot) {
+            for (int64_t i = 0; i < t; ++i) total[slot[i]] = tot[i];
+        }
+    }
     }
     return 0;
 }
@@ -293,6 +346,8 @@ extern "C" {
 //                 positions, now, prompt_tokens, sinks, recent, total, victim (pointers as addresses, 0 = null)
 //   block[18..22] heads, attention's strides over batch and heads, positions' strides over batch and heads
 //   block[23..24] nows, prompts: per batch row (0 = null: block[12] and block[13] for every row)
+//   block[25]     threads (OpenMP, at most: torch's intra-op count)
+//   block[26..27] index (0 = null) and the cells of each pool, see fused_scoring_step
 //   states        the address of an array of one address per stateful part
 // Returns fused_scoring_step's status, or 3 when it threw (memory): no C++ exception crosses into the caller.
 int momentkv_fused_scoring_call(const int64_t* block) noexcept {
@@ -306,7 +361,8 @@ int momentkv_fused_scoring_call(const int64_t* block) noexcept {
                               block + 21, block[12],
                               block[13], block[14], block[15], static_cast<float*>(at(16)),
                               static_cast<int64_t*>(at(17)), static_cast<const int64_t*>(at(23)),
-                              static_cast<const int64_t*>(at(24)));
+                              static_cast<const int64_t*>(at(24)), block[25],
+                              static_cast<const int64_t*>(at(26)), block[27]);
     } catch (...) {
         return 3;
     }

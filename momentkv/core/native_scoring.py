@@ -35,7 +35,7 @@ _NORMS = {"none": 0, "sum": 1, "max": 2, "zscore": 3, "rank": 4}
 _CPU = native_build.cpu_features()
 # Vectorised for this CPU only where its features key the build (as paged_probs); never contracted into fused
 # multiply-adds, never reassociated (no reduction without an explicit order), so the arithmetic stays torch's.
-_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17",
+_FLAGS = ("-O3", *(("-march=native",) if _CPU else ()), "-fopenmp", "-shared", "-fPIC", "-std=c++17",
           "-ffp-contract=off", "-fno-fast-math")
 
 
@@ -105,7 +105,7 @@ class NativeStep:
         self._state_addresses = (ctypes.c_int64 * max(stateful, 1))()
         # The argument block (see native_scoring.cpp): constants written once, the rest at every call. One block per
         # step object, shared by every layer whose spec is equal: calls fill and read it under self._lock.
-        self._block = (ctypes.c_int64 * 25)()
+        self._block = (ctypes.c_int64 * 28)()
         self._block[2] = n
         for i, array in enumerate(self._constants, start=3):
             self._block[i] = ctypes.addressof(array)
@@ -142,15 +142,39 @@ class NativeStep:
         if (len(shape) != 3 or shape[-1] == 0 or not self._takes(positions, torch.int64, shape)
                 or len(states) != len(self.spec.stateful) or not all(self._owned(s, shape) for s in states)):
             return None
-        if attention is None:
-            if self.spec.needs_attention:
-                return None
-        elif not self._takes(attention, torch.float32, shape):
+        if not self._attention_taken(attention, shape):
             return None
+        b, h, t = shape
+        total = torch.empty(shape, dtype=torch.float32)
+        victim = self._run(states, attention, positions, now, prompt_tokens, total, (b, h, t), None)
+        return None if victim is None else (total, victim)
+
+    def paged(self, pools, total, positions, index, attention, now, prompt_tokens):
+        """The step on per-slot pools, in place: ``pools`` (one per stateful part), ``total`` float32 and
+        ``positions`` int64 ``(num_slots, kv_heads)`` contiguous, row ``(b, h)``'s slot ``i`` at flat cell
+        ``index[b, h, i]`` of each (``index`` ``(batch, kv_heads, T)`` int64, distinct cells). The states are folded
+        there, the total written there; returns the victims ``(batch, kv_heads, 1)``, or ``None`` with nothing
+        changed where these tensors are not ones it takes."""
+        shape = index.shape
+        cells = positions.numel()
+        if (len(shape) != 3 or shape[-1] == 0 or index.dtype != torch.int64 or not index.is_contiguous()
+                or index.device.type != "cpu" or len(pools) != len(self.spec.stateful)
+                or not all(self._owned(p, positions.shape) for p in (*pools, total))
+                or positions.dtype != torch.int64 or not positions.is_contiguous()
+                or positions.device.type != "cpu" or not self._attention_taken(attention, shape)):
+            return None
+        return self._run(pools, attention, positions, now, prompt_tokens, total, tuple(shape), (index, cells))
+
+    def _attention_taken(self, attention, shape) -> bool:
+        if attention is None:
+            return not self.spec.needs_attention
+        return self._takes(attention, torch.float32, shape)
+
+    def _run(self, states, attention, positions, now, prompt_tokens, total, shape, paged):
+        """Fill the argument block and call; the victims, or ``None`` where the C++ declined (nothing written)."""
         b, h, t = shape
         now, nows = self._per_row(now, b)
         prompt_tokens, prompts = self._per_row(prompt_tokens, b)
-        total = torch.empty(shape, dtype=torch.float32)
         victim = torch.empty((b, h, 1), dtype=torch.int64)
         with self._lock:
             block = self._block
@@ -162,16 +186,20 @@ class NativeStep:
             block[23] = 0 if nows is None else nows.data_ptr()
             block[24] = 0 if prompts is None else prompts.data_ptr()
             block[16], block[17] = total.data_ptr(), victim.data_ptr()
+            block[25] = torch.get_num_threads()
+            block[26], block[27] = (paged[0].data_ptr(), paged[1]) if paged is not None else (0, 0)
             block[18] = h
-            block[21], block[22] = positions.stride(0), positions.stride(1)
+            block[21], block[22] = (positions.stride(0), positions.stride(1)) if paged is None else (0, 0)
             if attention is not None:
                 block[19], block[20] = attention.stride(0), attention.stride(1)
             status = self._fn(block)
         if status == 1:
             raise RuntimeError(f"momentkv: the native scoring step does not know a part of {self.spec}")
+        if status == 4:
+            raise ValueError("momentkv: a slot index lies outside the per-slot pools")
         # 2: a slot after `now` (not this step's positions); 3: out of memory. Nothing was written: the tensor
         # step takes this call.
-        return None if status else (total, victim)
+        return None if status else victim
 
 
 def native_step(spec) -> NativeStep | None:

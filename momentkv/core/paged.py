@@ -63,6 +63,20 @@ class PagedStates:
             return pool.view(-1).index_select(0, flat.view(-1)).view(flat.shape)
         return pool.view(pool.shape[0], -1).index_select(1, flat.view(-1)).view(pool.shape[0], *flat.shape)
 
+    def fold_in_place(self, core, attention, positions: torch.Tensor, table: torch.Tensor, now, prompt_tokens):
+        """``core``'s (a :class:`~momentkv.core.eviction.LayerEviction`) steady fold of slots ``table``
+        ``(batch, T)`` run on these pools where they lie (:meth:`LayerEviction.fold_in_place`), ``positions`` the
+        engine's per-slot sequence indices ``(num_slots, kv_heads)``: the victims ``(batch, kv_heads, 1)``, or
+        ``None`` with nothing changed (then :meth:`load`, ``fold``, :meth:`store`)."""
+        spec = core.spec
+        if spec is None or any(self.pools[i].dim() != 2 for i in spec.stateful):
+            return None
+        victim = core.fold_in_place(attention, [self.pools[i] for i in spec.stateful], self.total, positions,
+                                    self.flat_index(table), now, prompt_tokens)
+        if victim is not None:
+            self.has_total = True
+        return victim
+
     def gather(self, table: torch.Tensor) -> list[torch.Tensor]:
         """The states of slots ``table`` ``(batch, T)`` int64 as ``(batch, kv_heads, T)`` (or with channels first)."""
         return [self.read(pool, table) for pool in self.pools]

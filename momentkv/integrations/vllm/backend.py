@@ -20,6 +20,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from momentkv.core.paged_probs import PagedProbs
+from momentkv.core.paged_write import PagedWrite
 from momentkv.errors import PolicyError
 from momentkv.integrations.vllm.evicting import EvictingBuilder, EvictingImpl
 
@@ -57,6 +58,9 @@ class MomentKVImpl(EvictingImpl, CPUAttentionBackendImpl):
 
     def _paged_probs(self) -> PagedProbs:
         return PagedProbs(self.block_size, self.head_size, self.keys_transposed)
+
+    def _paged_write(self) -> PagedWrite:
+        return PagedWrite(self.block_size, self.head_size, self.keys_transposed)
 
     def _split(self, kv_cache: torch.Tensor):
         blocks, heads, bs, _ = kv_cache.shape

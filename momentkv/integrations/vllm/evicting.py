@@ -29,14 +29,17 @@ block into one tensor with the softmax computed in torch. The keys and values of
 gathered for the core only where a scorer reads them (``Scorer.reads_cache``).
 
 Once a row's budget is full, a plan whose every-step scoring is one closed computation folds through the fused
-step (:meth:`LayerEviction.fold` with per-row ``now`` and context length: natively on the CPU), which also names
-each head's victim for the next token; the impl keeps it beside the row's first generated slot, stamped with
+step, which also names each head's victim for the next token: on the CPU natively on the pools where they lie
+(:meth:`PagedStates.fold_in_place`: no gathered copy of states, positions or totals), elsewhere on gathered views
+(:meth:`LayerEviction.fold` with per-row ``now`` and context length); the impl keeps it beside the row's first generated slot, stamped with
 the fold's sequence index, and the next write takes it without ranking again (any row whose last fold was not
 such a step is ranked by the core as before).
 
 What a device adds (:mod:`~momentkv.integrations.vllm.backend` for the CPU, :mod:`~momentkv.integrations.vllm.cuda`)
-is where a layer's keys and values lie in its ``kv_cache`` (:meth:`EvictingImpl._split`); the stock cache write
-for prefill rows and the stock attention call are the stock impl's.
+is where a layer's keys and values lie in its ``kv_cache`` (:meth:`EvictingImpl._split`), and where it has them,
+native functions that read the attention in place and write decode tokens (:mod:`momentkv.core.paged_probs`,
+:mod:`momentkv.core.paged_write`); the stock cache write for prefill rows and the stock attention call are the
+stock impl's.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from momentkv.core.eviction import LayerEviction
 from momentkv.core.group_attention import group_attention
 from momentkv.core.paged import PagedStates
 from momentkv.core.paged_probs import PagedProbs
+from momentkv.core.paged_write import PagedWrite
 from momentkv.core.plan import build_plans
 from momentkv.errors import PolicyError
 from momentkv.integrations.vllm import check, policy_source
@@ -174,6 +178,10 @@ class EvictingImpl:
         """The native reader of this step's attention in place, where the cache's packing is the one it reads."""
         return None
 
+    def _paged_write(self) -> PagedWrite | None:
+        """The native writer of decode tokens and their slots' bookkeeping, where the cache's packing is its."""
+        return None
+
     def _split(self, kv_cache: torch.Tensor):
         """Keys and values of ``kv_cache`` ``[blocks, kv_heads, block_size, ...]`` as views: keys
         ``(blocks, kv_heads, head_size, block_size)`` where :meth:`_keys_transposed`, else
@@ -197,6 +205,7 @@ class EvictingImpl:
         self.named_at = torch.full((slots,), -1, dtype=torch.long, device=device)
         self.keys_transposed = self._keys_transposed(layer, kv_cache)
         self.paged_probs = self._paged_probs()
+        self.paged_write = self._paged_write()
 
     def _read(self, kv_cache, slots: torch.Tensor):
         """Keys and values ``(n, kv_heads, S, head_size)`` stored at ``slots`` ``(n, S)``, through :meth:`_split`'s
@@ -275,15 +284,16 @@ class EvictingImpl:
                 and os.environ.get("MOMENTKV_VLLM_FUSED_ATTENTION", "1") != "0")
 
     def _write(self, batch: DecodeBatch, key, value, kv_cache) -> None:
-        """Write each row's new token: into its next generated slot, or each head's victim once full."""
+        """Write each row's new token: into its next generated slot, or each head's victim once full; the slot's
+        sequence index is stamped and its scorer states start at zero (one native call where the device has it)."""
         rows, heads = len(batch.tokens), len(self.heads)
         where = batch.next_slot.unsqueeze(1).repeat(1, heads)  # (R, H)
-        if batch.fresh is not None:
-            self.states.reset(batch.fresh)
         for group in batch.victims:
-            slots = group.table.gather(1, self._victims(group, kv_cache))  # (n, H)
-            self.states.reset_heads(slots)
-            where[group.rows] = slots
+            where[group.rows] = group.table.gather(1, self._victims(group, kv_cache))  # (n, H)
+        if self.paged_write is not None and self.paged_write(kv_cache, key, value, batch.tokens, where,
+                                                             self.positions, batch.now, self.states.pools):
+            return
+        self.states.reset_heads(where)
         keys, values = self._split(kv_cache)
         bs = self.block_size
         blocks, offsets = where // bs, where % bs  # (R, H)
@@ -324,12 +334,17 @@ class EvictingImpl:
             if self.plan.needs_step_attention:
                 attention, wrote = self._attention(group, query, kv_cache, output)
                 attended = attended and wrote
-            self.states.load(scoring, group.table)
-            view = self._view(kv_cache, group.table, group.now)
             steady = group.held == self.rt.budget and self.core.spec is not None
-            self.core.fold(attention, view, group.prompt if steady else None)
-            self.states.store(scoring, group.table)
-            victim = self.core.named_victim(view) if steady else None
+            victim = None
+            if steady:  # natively on the pools where they lie, where the plan and device allow
+                victim = self.states.fold_in_place(self.core, attention, self.positions, group.table, group.now,
+                                                   group.prompt)
+            if victim is None:
+                self.states.load(scoring, group.table)
+                view = self._view(kv_cache, group.table, group.now)
+                self.core.fold(attention, view, group.prompt if steady else None)
+                self.states.store(scoring, group.table)
+                victim = self.core.named_victim(view) if steady else None
             first = group.table[:, 0]
             if victim is None:
                 self.named_at[first] = -1

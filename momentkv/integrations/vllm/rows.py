@@ -67,7 +67,6 @@ class DecodeBatch:
     tokens: torch.Tensor  # (R,) each row's index among the step's tokens
     now: torch.Tensor  # (R,) the sequence index of each row's new token, P + generated
     next_slot: torch.Tensor  # (R,) the slot of physical index P + generated: where a growing row writes
-    fresh: torch.Tensor | None  # (g,) next_slot of the rows whose budget is not full (None: every row is full)
     victims: list[VictimGroup]
     folds: list[FoldGroup]
 
@@ -110,8 +109,7 @@ class DecodeBatch:
                 where = (prompt[rows].unsqueeze(1) + torch.arange(h)).unsqueeze(1)
             folds.append(FoldGroup(rows, h, generated_slots[rows, :h], _now(now[rows], batched),
                                    _now(prompt[rows], batched), tokens[rows], blocks, mask, where))
-        fresh = next_slot[~full] if not bool(full.all()) else None
-        return cls(tokens, now, next_slot, fresh, victims, folds)
+        return cls(tokens, now, next_slot, victims, folds)
 
     def to(self, device) -> DecodeBatch:
         """This batch with every tensor on ``device`` (itself where they already are there): the builder makes it
