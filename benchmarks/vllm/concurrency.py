@@ -76,6 +76,7 @@ def main() -> None:
         os.environ["VLLM_PLUGINS"] = "none"
     os.environ.pop("MOMENTKV_VLLM_POLICY", None)
 
+    import torch
     from vllm import LLM, SamplingParams
 
     prompts = held_out_prompts(args.model_dir, args.requests)
@@ -130,6 +131,7 @@ def main() -> None:
         "per_request": [{"prompt": len(ids), "most_blocks": held.get(str(i), 0)} for i, ids in enumerate(prompts)],
         "step_times": step_times,
         "python": sys.version.split()[0],
+        "torch_threads": torch.get_num_threads(),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
