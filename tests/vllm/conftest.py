@@ -46,6 +46,9 @@ def runs(reference: dict) -> list[dict]:
         # Two requests at a time: the second finishes after 16 tokens and the third joins while the first decodes.
         {"name": "moment", **_policy(cases["moment"]), "max_num_seqs": 2, "max_tokens": [NEW_TOKENS, 16, NEW_TOKENS]},
         {"name": "h2o", **_policy(cases["h2o"]), "max_num_seqs": 2},
+        # Every native CPU function off: the tensor path a device without them (a GPU) takes, on the same requests.
+        {"name": "moment_tensor_path", **_policy(cases["moment"]), "max_num_seqs": 2,
+         "max_tokens": [NEW_TOKENS, 16, NEW_TOKENS], "env": {"MOMENTKV_NATIVE_SCORING": "0"}},
         # Blocks of 32 tokens, each request's blocks capped (the cap recorded), prompts prefilled in chunks of 16.
         {"name": "moment_paged", **_policy(cases["moment"]), "block_size": BLOCK, "block_log": True,
          "max_num_batched_tokens": 16, "max_num_seqs": 3},

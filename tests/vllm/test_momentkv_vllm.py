@@ -90,6 +90,14 @@ def test_policy_in_vllm_matches_the_transformers_path(vllm_runs, reference, poli
     _matches_the_transformers_path(policy, vllm_runs[policy], reference["cases"][policy], reference, vllm_runs["plain"])
 
 
+def test_the_tensor_path_matches_the_transformers_path(vllm_runs, reference):
+    """``MOMENTKV_NATIVE_SCORING=0`` (read when the engine process imports momentkv): decode tokens written by
+    indexed tensor stores, the scorers' attention from the gathered keys, the fold on gathered states: what a
+    device without the native functions runs."""
+    _matches_the_transformers_path("moment, tensor path", vllm_runs["moment_tensor_path"], reference["cases"]["moment"],
+                                   reference, vllm_runs["plain"])
+
+
 def test_chunked_prefill_and_capped_blocks_keep_the_transformers_path(vllm_runs, reference):
     """Blocks of 32 tokens, capped; each prompt prefilled 16 tokens at a time, batched with the others' decode."""
     _matches_the_transformers_path("moment, chunked prefill", vllm_runs["moment_paged"], reference["cases"]["moment"],
