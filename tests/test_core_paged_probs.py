@@ -266,3 +266,30 @@ def test_a_nan_key_makes_its_row_nan_as_torch_does():
     cache[blocks[0, 0], 0, 0, 0] = float("nan")  # the first key of row 0
     got = paged_probs.PagedProbs(16, 16, False)(cache, query, tokens, blocks, lengths, first, held, 0.25)
     assert bool(got[0].isnan().all()) and not bool(got[1].isnan().any())
+
+
+def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang has no OpenMP runtime): the source is built again without
+    it, and the one-thread kernel is within the same bound."""
+    _needs_compiler()
+    real = native_build.compiler()
+    fake = tmp_path / "c++"
+    log = tmp_path / "calls"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
+                    "for a in \"$@\"; do [ \"$a\" = -fopenmp ] && { echo 'no OpenMP' >&2; exit 1; }; done\n"
+                    f"exec {' '.join(real)} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path / "cache"))
+    library = native_build.NativeFunction("paged_probs.cpp", "momentkv_paged_probs", paged_probs._FLAGS, "test",
+                                          "test", key_extra=paged_probs.LIBRARY.key_extra)
+    assert library.get() is not None, library.failure()
+    builds = [line.split() for line in log.read_text().splitlines() if "paged_probs.cpp" in line]
+    assert [("-fopenmp" in b, "-fopenmp-simd" in b) for b in builds] == [(True, False), (False, True)]
+    monkeypatch.setattr(paged_probs, "LIBRARY", library)
+    bs, d, kv, groups = 16, 64, 2, 3
+    cache, query, tokens, blocks, lengths, first, held = _case(
+        13, transposed=True, block_size=bs, head_size=d, kv_heads=kv, groups=groups, rows=5)
+    expected, bound = _expected(cache, query, tokens, blocks, lengths, first, held, d ** -0.5, True, bs, d, groups)
+    got = paged_probs.PagedProbs(bs, d, True)(cache, query, tokens, blocks, lengths, first, held, d ** -0.5)
+    assert_within_bound(got, expected, bound, "one-thread build")

@@ -75,11 +75,17 @@ def read_source(source_name: str) -> bytes:
     return resources.files("momentkv.core").joinpath(source_name).read_bytes()
 
 
+def serial(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """``flags`` without OpenMP threads (its ``simd`` pragmas kept): what a source built with ``-fopenmp`` is
+    built with where the compiler has no OpenMP runtime; its parallel regions then run on one thread."""
+    return tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in flags)
+
+
 def build(source_name: str, flags: tuple[str, ...], command: list[str] | None, rebuild: bool = False,
           key_extra: bytes = b"", source: bytes | None = None) -> Path:
     """The shared library of ``momentkv/core/<source_name>`` (or of ``source``, that file's text as read before)
     built with ``command`` and ``flags``: the cached one, or a new build (``rebuild``: build again even if
-    cached)."""
+    cached). Where ``flags`` ask for OpenMP and the compiler fails with them, built with :func:`serial` flags."""
     source = read_source(source_name) if source is None else source
     if command is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
@@ -98,6 +104,8 @@ def build(source_name: str, flags: tuple[str, ...], command: list[str] | None, r
         run = subprocess.run([*command, *flags, str(src), "-o", str(built)], capture_output=True, text=True,
                              timeout=300)
         if run.returncode != 0:
+            if "-fopenmp" in flags:  # a compiler without OpenMP (Apple's clang, say): the same source, one thread
+                return build(source_name, serial(flags), command, rebuild, key_extra, source)
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"{Path(command[0]).name} failed: {last}")
         os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
