@@ -90,7 +90,14 @@ void ranks_by_count(const uint32_t* order, int64_t t, int32_t* rank) {
             slot[k] = static_cast<int32_t>(start + k);
             below[k] = 0;
         }
-        for (int64_t j = 0; j < t; ++j) {
+        // Slots before the block come first on a tie, slots after it second; inside it, compare the slots too.
+        const int64_t end = std::min<int64_t>(start + kWidth, t);
+        for (int64_t j = 0; j < start; ++j) {
+            const uint32_t other = order[j];
+#pragma omp simd
+            for (int k = 0; k < kWidth; ++k) below[k] += other <= key[k] ? 1 : 0;
+        }
+        for (int64_t j = start; j < end; ++j) {
             const uint32_t other = order[j];
             const int32_t other_slot = static_cast<int32_t>(j);
 #pragma omp simd
@@ -98,6 +105,11 @@ void ranks_by_count(const uint32_t* order, int64_t t, int32_t* rank) {
                 const int32_t less = other < key[k], equal = other == key[k], earlier = other_slot < slot[k];
                 below[k] += less | (equal & earlier);
             }
+        }
+        for (int64_t j = end; j < t; ++j) {
+            const uint32_t other = order[j];
+#pragma omp simd
+            for (int k = 0; k < kWidth; ++k) below[k] += other < key[k] ? 1 : 0;
         }
         for (int k = 0; k < kWidth && start + k < t; ++k) rank[start + k] = below[k];
     }
@@ -201,9 +213,11 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     int64_t max_age = 0;
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t now = now_of(r);
+        const int64_t* slot = index ? index + r * t : nullptr;
+        const int64_t* pos = index ? nullptr : positions + row_of(r, positions_strides);
         for (int64_t i = 0; i < t; ++i) {
-            if (index && (index[r * t + i] < 0 || index[r * t + i] >= cells)) return 4;
-            const int64_t at = index ? positions[index[r * t + i]] : positions[row_of(r, positions_strides) + i];
+            if (slot && (slot[i] < 0 || slot[i] >= cells)) return 4;
+            const int64_t at = slot ? positions[slot[i]] : pos[i];
             if (at > now) return 2;
             max_age = std::max(max_age, now - at);
         }
@@ -238,7 +252,7 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     std::vector<int32_t>& rank_of = mine.rank_of;
     for (int64_t r = id; r < rows; r += stride) {
         const int64_t* slot = index ? index + r * t : nullptr;  // paged: the row's cells in the pools
-        const int64_t* pos = positions + row_of(r, positions_strides);
+        const int64_t* pos = slot ? nullptr : positions + row_of(r, positions_strides);
         if (slot) {
             for (int64_t i = 0; i < t; ++i) mine.positions[i] = positions[slot[i]];
             pos = mine.positions.data();
