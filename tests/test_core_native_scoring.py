@@ -132,7 +132,19 @@ def test_the_paged_step_on_pools_equals_the_step_on_gathered_views(parts, b, h, 
     gathering them, stepping, and scattering back would leave them: states, totals and victims, bit for bit; the
     cells no row names are untouched."""
     parts = tuple((k, a, c and (k != "ema" or a == 1.0), n, w) for k, a, c, n, w in parts)  # as the test above
-    spec = FusedSpec(parts, sinks, recent, t)
+    _paged_equals_dense(FusedSpec(parts, sinks, recent, t), b, h, t, seed)
+
+
+def test_the_paged_step_shared_among_threads_equals_the_step_on_gathered_views():
+    """Rows x slots past the size where the step shares its rows among OpenMP threads (a serving engine's 32
+    requests x 3 heads x 128 slots are): the paged step on two threads equals the dense step on one, on
+    ``moment.yaml``'s parts and with ties."""
+    spec = FusedSpec((("ema", 0.9, False, "rank", 1.0), ("recency", 1.0, False, "rank", 1.0)), 1, 2, 128)
+    _paged_equals_dense(spec, 16, 3, 128, 7, threads=(1, 2))
+
+
+def _paged_equals_dense(spec: FusedSpec, b: int, h: int, t: int, seed: int, threads=None) -> None:
+    """``threads``: torch's thread count for the dense step and for the paged one (default: as they are)."""
     step = _native(spec)
     g = torch.Generator().manual_seed(seed)
     slots = b * t + 7
@@ -149,15 +161,26 @@ def test_the_paged_step_on_pools_equals_the_step_on_gathered_views(parts, b, h, 
     attention = (torch.rand(b, h, t, generator=g) * 4).floor() / 4
     total = torch.full((slots, h), -7.0)
 
+    before = torch.get_num_threads()
     dense_states = [p.view(-1)[flat] for p in pools]
-    expected_total, expected_victim = step(dense_states, attention, positions.view(-1)[flat], now, prompt)
+    try:
+        if threads:
+            torch.set_num_threads(threads[0])
+        expected_total, expected_victim = step(dense_states, attention, positions.view(-1)[flat], now, prompt)
+    finally:
+        torch.set_num_threads(before)
     expected_pools = [p.clone() for p in pools]
     for pool, state in zip(expected_pools, dense_states):
         pool.view(-1)[flat] = state
     expected_cells = total.clone()
     expected_cells.view(-1)[flat] = expected_total
 
-    victim = step.paged(pools, total, positions, flat.contiguous(), attention, now, prompt)
+    try:
+        if threads:
+            torch.set_num_threads(threads[1])
+        victim = step.paged(pools, total, positions, flat.contiguous(), attention, now, prompt)
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(victim, expected_victim)
     assert all(torch.equal(p, q) for p, q in zip(pools, expected_pools))
     assert torch.equal(total, expected_cells)

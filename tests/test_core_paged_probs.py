@@ -293,3 +293,23 @@ def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(monkeypa
     expected, bound = _expected(cache, query, tokens, blocks, lengths, first, held, d ** -0.5, True, bs, d, groups)
     got = paged_probs.PagedProbs(bs, d, True)(cache, query, tokens, blocks, lengths, first, held, d ** -0.5)
     assert_within_bound(got, expected, bound, "one-thread build")
+
+
+def test_the_result_does_not_depend_on_the_number_of_threads():
+    """Each (row, KV head) pair is computed by one thread: one thread and two give the same bits."""
+    _needs_compiler()
+    bs, d, kv, groups = 32, 64, 3, 3
+    cache, query, tokens, blocks, lengths, first, held = _case(
+        17, transposed=True, block_size=bs, head_size=d, kv_heads=kv, groups=groups, rows=7)
+    native = paged_probs.PagedProbs(bs, d, True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            output = torch.zeros_like(query)
+            results.append((native(cache, query, tokens, blocks, lengths, first, held, d ** -0.5, output), output))
+    finally:
+        torch.set_num_threads(before)
+    (probs_1, out_1), (probs_2, out_2) = results
+    assert probs_1 is not None and torch.equal(probs_1, probs_2) and torch.equal(out_1, out_2)
