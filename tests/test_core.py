@@ -111,3 +111,56 @@ def test_paged_states_evict_what_dense_slots_evict(policy):
     for mine, theirs in zip(dense.scoring.states, states.gather(table)):
         torch.testing.assert_close(mine.gather(-1, order_d.expand_as(mine)), theirs.gather(-1, order_p.expand_as(theirs)),
                                    rtol=0, atol=0)
+
+
+def _filled_states(plan, pool: int, h: int, seed: int) -> PagedStates:
+    g = torch.Generator().manual_seed(seed)
+    states = PagedStates([s.state_channels for s in plan.scorers], pool, h)
+    for p in states.pools:
+        p.copy_((torch.rand(p.shape, generator=g) * 4).floor() / 4)  # ties
+    return states
+
+
+@pytest.mark.parametrize("policy", ["moment.yaml", "h2o.yaml", "recency.yaml"])
+def test_the_steady_fold_in_place_equals_load_fold_store(policy):
+    """A paged engine's steady fold on the pools where they lie (PagedStates.fold_in_place) leaves the pools and the
+    stored totals as gathering, folding (LayerEviction.fold) and storing back does, and names the same victims."""
+    plan = build_plans(load_policy({"extends": policy, "decode": {"budget": 8}}), 1, [None])[0]
+    b, h, t, pool = 3, 2, plan.budget, 40
+    g = torch.Generator().manual_seed(1)
+    table = torch.randperm(pool, generator=g)[: b * t].view(b, t)  # (b, T): requests own distinct slots
+    now = torch.tensor([30, 41, 52]).view(b, 1, 1)
+    prompt = torch.tensor([3, 5, 7]).view(b, 1, 1)
+    positions = torch.zeros(pool, h, dtype=torch.long)
+    for r in range(b):
+        for head in range(h):
+            positions[table[r], head] = torch.randperm(int(now[r]) - int(prompt[r]) + 1, generator=g)[:t] + prompt[r, 0, 0]
+    attention = (torch.rand(b, h, t, generator=g) * 4).floor() / 4
+
+    gathered, in_place = _filled_states(plan, pool, h, 2), _filled_states(plan, pool, h, 2)
+    core = LayerEviction(plan)
+    gathered.load(core.scoring, table)
+    view = ScoreContext(None, None, None, positions=gathered.read(positions, table), now=now)
+    core.fold(attention, view, prompt)
+    gathered.store(core.scoring, table)
+    expected = core.named_victim(view)
+    assert expected is not None  # the fused step ran
+
+    victim = in_place.fold_in_place(LayerEviction(plan), attention, positions, table, now, prompt)
+    assert victim is not None and torch.equal(victim, expected)
+    assert all(torch.equal(p, q) for p, q in zip(in_place.pools, gathered.pools))
+    assert in_place.has_total and torch.equal(in_place.total, gathered.total)
+
+
+def test_a_fold_the_pools_cannot_take_in_place_changes_nothing():
+    """A table narrower than the budget (a row still filling it), or a scorer with a multi-channel state: ``None``,
+    every pool as it was (the caller then loads, folds and stores)."""
+    for policy, width in (("moment.yaml", 5), ("raas.yaml", 8)):
+        plan = build_plans(load_policy({"extends": policy, "decode": {"budget": 8}}), 1, [None])[0]
+        states = _filled_states(plan, 40, 2, 3)
+        before = [p.clone() for p in states.pools]
+        table = torch.arange(width).view(1, width)
+        positions = torch.arange(40).view(40, 1).expand(40, 2).contiguous()
+        victim = states.fold_in_place(LayerEviction(plan), torch.rand(1, 2, width), positions, table, 50, 0)
+        assert victim is None and not states.has_total
+        assert all(torch.equal(p, q) for p, q in zip(states.pools, before))

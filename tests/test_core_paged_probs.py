@@ -216,6 +216,8 @@ def test_inputs_it_does_not_read_are_left_to_the_caller():
     assert native(cache, strided, tokens, blocks, lengths, first, held, 0.25) is None
     with pytest.raises(ValueError, match="outside its stored tokens"):
         native(cache, query, tokens, blocks, first + held - 1, first, held, 0.25)
+    with pytest.raises(ValueError, match="outside its stored tokens"):  # first + held would overflow int64
+        native(cache, query, tokens, blocks, lengths, torch.full_like(first, 2**63 - 1), held, 0.25)
     with pytest.raises(ValueError, match="than its block table holds"):
         native(cache, query, tokens, blocks[:, :1], lengths + 16, first, held, 0.25)
 
@@ -283,9 +285,15 @@ def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(monkeypa
     monkeypatch.setenv("MOMENTKV_CACHE_DIR", str(tmp_path / "cache"))
     library = native_build.NativeFunction("paged_probs.cpp", "momentkv_paged_probs", paged_probs._FLAGS, "test",
                                           "test", key_extra=paged_probs.LIBRARY.key_extra)
-    assert library.get() is not None, library.failure()
+    with pytest.warns(RuntimeWarning, match="refused OpenMP"):
+        assert library.get() is not None, library.failure()
     builds = [line.split() for line in log.read_text().splitlines() if "paged_probs.cpp" in line]
     assert [("-fopenmp" in b, "-fopenmp-simd" in b) for b in builds] == [(True, False), (False, True)]
+    # A later process finds the one-thread build and does not try OpenMP again.
+    again = native_build.build("paged_probs.cpp", paged_probs._FLAGS, native_build.compiler(),
+                               key_extra=paged_probs.LIBRARY.key_extra)
+    assert again.is_file()
+    assert len([line for line in log.read_text().splitlines() if "paged_probs.cpp" in line]) == 2  # no new build
     monkeypatch.setattr(paged_probs, "LIBRARY", library)
     bs, d, kv, groups = 16, 64, 2, 3
     cache, query, tokens, blocks, lengths, first, held = _case(

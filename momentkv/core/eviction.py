@@ -153,7 +153,9 @@ class LayerEviction:
         (the pools of the spec's stateful scorers), ``total`` and ``positions`` ``(num_slots, kv_heads)``, the
         batch's evictable slots at flat cells ``index`` ``(batch, kv_heads, budget)``. Returns the victims
         ``(batch, kv_heads, 1)`` for the next token, or ``None`` with nothing changed where this plan has no native
-        steady step (the caller then gathers the states and calls :meth:`fold`)."""
+        steady step (the caller then gathers the states and calls :meth:`fold`). The pools hold every slot's state
+        from the start (zero for a new token), so, unlike :meth:`fold`, there is no first load to wait for; the
+        cells of ``index`` must be distinct (rows are folded in parallel)."""
         spec = self.spec
         if (spec is None or index.shape[-1] != spec.budget or positions.device.type != "cpu"
                 or torch.compiler.is_compiling()

@@ -85,28 +85,38 @@ def build(source_name: str, flags: tuple[str, ...], command: list[str] | None, r
           key_extra: bytes = b"", source: bytes | None = None) -> Path:
     """The shared library of ``momentkv/core/<source_name>`` (or of ``source``, that file's text as read before)
     built with ``command`` and ``flags``: the cached one, or a new build (``rebuild``: build again even if
-    cached). Where ``flags`` ask for OpenMP and the compiler fails with them, built with :func:`serial` flags."""
+    cached). Where ``flags`` ask for OpenMP and the compiler fails with them, it is built with :func:`serial`
+    flags (warned once; later processes find that build and do not try OpenMP again)."""
     source = read_source(source_name) if source is None else source
     if command is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     about = [subprocess.run([*command, flag], capture_output=True, text=True, timeout=60).stdout
              for flag in ("--version", "-dumpmachine")]
-    key = b"\0".join([source, *(a.encode() for a in about), platform.machine().encode(), " ".join(flags).encode(),
-                      key_extra])
-    stem = Path(source_name).stem
-    target = private_folder(cache_dir() / "kernels") / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    folder = private_folder(cache_dir() / "kernels")
+
+    def target_of(with_flags: tuple[str, ...]) -> Path:
+        key = b"\0".join([source, *(a.encode() for a in about), platform.machine().encode(),
+                          " ".join(with_flags).encode(), key_extra])
+        return folder / f"{Path(source_name).stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+    target = target_of(flags)
     if target.is_file() and not rebuild:
         return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+    one_thread = serial(flags)
+    if one_thread != flags and target_of(one_thread).is_file() and not rebuild:
+        return target_of(one_thread)  # this compiler refused OpenMP before
+    with tempfile.TemporaryDirectory(dir=folder) as work:
         src = Path(work) / source_name
         src.write_bytes(source)
         built = Path(work) / target.name
         run = subprocess.run([*command, *flags, str(src), "-o", str(built)], capture_output=True, text=True,
                              timeout=300)
         if run.returncode != 0:
-            if "-fopenmp" in flags:  # a compiler without OpenMP (Apple's clang, say): the same source, one thread
-                return build(source_name, serial(flags), command, rebuild, key_extra, source)
             last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+            if one_thread != flags:  # a compiler without OpenMP (Apple's clang, say): the same source, one thread
+                warnings.warn(f"momentkv: {Path(command[0]).name} refused OpenMP ({last}); {source_name} is built "
+                              "to run on one thread", RuntimeWarning, stacklevel=2)
+                return build(source_name, one_thread, command, rebuild, key_extra, source)
             raise RuntimeError(f"{Path(command[0]).name} failed: {last}")
         os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
     return target

@@ -29,6 +29,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+inline size_t thread_id() { return static_cast<size_t>(omp_get_thread_num()); }  // in the current team
+#else
+inline size_t thread_id() { return 0; }
 #endif
 
 namespace {
@@ -78,7 +81,7 @@ const int64_t kCountedRanks = 1024;
 
 // rank[i] = the position of slot i in the stable ascending order of `order` (the high halves of sort_key): the
 // slots j that come before it, order[j] < order[i] or equal with j < i. The same permutation as sorting the keys,
-// by t * t comparisons, sixteen slots i at a time against each j so that they vectorise without a horizontal sum:
+// by t * t comparisons, 32 slots i at a time against each j so that they vectorise without a horizontal sum:
 // for the few hundred slots of a budget, several times faster than a sort.
 void ranks_by_count(const uint32_t* order, int64_t t, int32_t* rank) {
     constexpr int kWidth = 32;
@@ -236,21 +239,15 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
     std::vector<Scratch> scratch(static_cast<size_t>(team));
     for (Scratch& each : scratch) each.resize(t, index != nullptr);
     const float inf = std::numeric_limits<float>::infinity();
-#pragma omp parallel num_threads(static_cast<int>(team)) if (team > 1)
-    {
-#ifdef _OPENMP
-    const int64_t id = omp_get_thread_num(), stride = omp_get_num_threads();
-#else
-    const int64_t id = 0, stride = 1;
-#endif
-    Scratch& mine = scratch[static_cast<size_t>(id)];
-    std::vector<float>& out = mine.out;
-    std::vector<float>& rank_sum = mine.rank_sum;
-    std::vector<float>& age = mine.age;
-    std::vector<uint64_t>& order = mine.order;
-    std::vector<uint32_t>& high = mine.high;
-    std::vector<int32_t>& rank_of = mine.rank_of;
-    for (int64_t r = id; r < rows; r += stride) {
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(team)) if (team > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        Scratch& mine = scratch[thread_id()];
+        std::vector<float>& out = mine.out;
+        std::vector<float>& rank_sum = mine.rank_sum;
+        std::vector<float>& age = mine.age;
+        std::vector<uint64_t>& order = mine.order;
+        std::vector<uint32_t>& high = mine.high;
+        std::vector<int32_t>& rank_of = mine.rank_of;
         const int64_t* slot = index ? index + r * t : nullptr;  // paged: the row's cells in the pools
         const int64_t* pos = slot ? nullptr : positions + row_of(r, positions_strides);
         if (slot) {
@@ -346,7 +343,6 @@ int fused_scoring_step(int64_t rows, int64_t t, int64_t parts, const int32_t* ki
         if (slot) {
             for (int64_t i = 0; i < t; ++i) total[slot[i]] = tot[i];
         }
-    }
     }
     return 0;
 }

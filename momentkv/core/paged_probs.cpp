@@ -21,7 +21,6 @@
 // their number. Every index is checked before anything is written.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +29,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+inline size_t thread_id() { return static_cast<size_t>(omp_get_thread_num()); }  // in the current team
+#else
+inline size_t thread_id() { return 0; }
 #endif
 
 namespace {
@@ -211,7 +213,7 @@ void attend_values(const Args& a, const int64_t* table, int64_t h, const float* 
 int check(const Args& a) {
     for (int64_t r = 0; r < a.rows; ++r) {
         const int64_t length = a.lengths[r], first = a.first[r];
-        if (length <= 0 || first < 0 || first + a.held > length) return 2;
+        if (length <= 0 || first < 0 || a.held > length || first > length - a.held) return 2;  // no overflow
         if (a.tokens[r] < 0 || a.tokens[r] >= a.num_tokens) return 4;
         if (length > a.blocks_per_row * a.block_size) return 5;
         const int64_t* table = a.blocks + r * a.blocks_row_stride;
@@ -274,8 +276,9 @@ void one_head(const Args& a, int64_t r, int64_t h, int64_t padded, float* logits
 }
 
 // Every (row, KV head) pair, spread over `threads` OpenMP threads (each pair written by one thread, so the result
-// does not depend on their number). Returns check's status, or 3 when a thread's scratch could not be allocated
-// (then some pairs may be written, others not).
+// does not depend on their number). Returns check's status, or 3 when the threads' scratch could not be allocated
+// (made before anything is written: nothing written then). Rows must name distinct tokens (each writes its
+// token's output).
 int run(const Args& a) {
     const int status = check(a);
     if (status != 0) return status;
@@ -284,27 +287,22 @@ int run(const Args& a) {
         padded = std::max(padded, (a.lengths[r] + a.block_size - 1) / a.block_size * a.block_size);
     }
     const int64_t pairs = a.rows * a.kv_heads;
-    std::atomic<int> failed{0};
-#pragma omp parallel num_threads(static_cast<int>(a.threads)) if (a.threads > 1 && pairs > 1)
-    {
-        std::vector<float> logits, acc;
-        try {
-            logits.resize(static_cast<size_t>(a.groups * padded));
-            acc.resize(static_cast<size_t>(a.head_size));
-        } catch (...) {
-            failed = 3;
+    const int64_t team = (a.threads > 1 && pairs > 1) ? std::min(a.threads, pairs) : 1;
+    std::vector<std::vector<float>> logits(static_cast<size_t>(team)), acc(static_cast<size_t>(team));
+    try {
+        for (int64_t i = 0; i < team; ++i) {
+            logits[i].resize(static_cast<size_t>(a.groups * padded));
+            acc[i].resize(static_cast<size_t>(a.head_size));
         }
-        if (!logits.empty()) {
-#ifdef _OPENMP
-            const int64_t step = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-            const int64_t step = 1, id = 0;
-#endif
-            for (int64_t i = id; i < pairs; i += step) one_head(a, i / a.kv_heads, i % a.kv_heads, padded,
-                                                                logits.data(), acc.data());
-        }
+    } catch (...) {
+        return 3;
     }
-    return failed.load();
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(team)) if (team > 1)
+    for (int64_t i = 0; i < pairs; ++i) {
+        const size_t id = thread_id();
+        one_head(a, i / a.kv_heads, i % a.kv_heads, padded, logits[id].data(), acc[id].data());
+    }
+    return 0;
 }
 
 template <typename T>

@@ -67,13 +67,13 @@ class PagedProbs:
                  lengths: torch.Tensor, first: torch.Tensor, held: int, scaling: float,
                  output: torch.Tensor | None = None) -> torch.Tensor | None:
         """Probabilities ``(n, kv_heads, held)`` float32, or ``None`` where the native function is off or these
-        inputs are not ones it reads (``output`` then untouched) or it ran out of memory (``output`` then may hold
-        some rows' results: the caller computes the attention again).
+        inputs are not ones it reads or it ran out of memory (``output`` then untouched).
 
         Args:
             cache: see the class docstring.
             query: ``(num_tokens, heads, head_size)`` float32, rows contiguous; ``heads`` a multiple of kv_heads.
-            tokens: ``(n,)`` int64, each row's query among ``query``'s tokens.
+            tokens: ``(n,)`` int64, each row's query among ``query``'s tokens, distinct (each row writes its
+                token's output; rows are computed in parallel).
             blocks: ``(n, m)`` int64, each row's blocks in order (physical index ``i`` lies in block
                 ``blocks[r, i // block_size]`` at offset ``i % block_size``); every entry a block of ``cache``.
             lengths: ``(n,)`` int64, tokens stored per row (the softmax runs over indices ``0 .. length-1``).
@@ -92,7 +92,8 @@ class PagedProbs:
             return None
         n = int(tokens.shape[0])
         kv_heads = cache.shape[1] if cache.dim() >= 2 else 0
-        if not (cache.dtype == torch.float32 and query.dtype == torch.float32 and cache.device.type == "cpu"
+        if not (cache.dim() >= 2 and cache.shape[0] > 0 and cache.dtype == torch.float32
+                and query.dtype == torch.float32 and cache.device.type == "cpu"
                 and query.device.type == "cpu" and query.dim() == 3 and query.stride(2) == 1
                 and query.shape[2] == self.head_size and kv_heads > 0 and query.shape[1] % kv_heads == 0
                 and cache[0, 0].numel() >= 2 * self.block_size * self.head_size and cache[0, 0].is_contiguous()):

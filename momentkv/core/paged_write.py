@@ -52,7 +52,8 @@ class PagedWrite:
             cache: see the class docstring.
             key, value: ``(num_tokens, kv_heads, head_size)`` float32, each head's ``head_size`` contiguous.
             tokens: ``(R,)`` int64, each row's token among ``key``'s.
-            slots: ``(R, kv_heads)`` int64, the slot each row's token takes in each KV head.
+            slots: ``(R, kv_heads)`` int64, the slot each row's token takes in each KV head (distinct per head, as
+                a paged engine's requests own distinct slots).
             positions: ``(num_slots, kv_heads)`` int64: ``positions[slots[r, h], h] = now[r]``.
             now: ``(R,)`` int64, each row's sequence index.
             pools: float32 ``(num_slots, kv_heads)`` or ``(channels, num_slots, kv_heads)``, contiguous: zeroed at
@@ -64,6 +65,8 @@ class PagedWrite:
         if fn is None:
             return False
         blocks, heads = (cache.shape[0], cache.shape[1]) if cache.dim() >= 2 else (0, 0)
+        if blocks == 0 or heads == 0:
+            return False
         rows, d, bs = int(tokens.shape[0]), self.head_size, self.block_size
         num_slots = blocks * bs
         if not (cache.dtype == torch.float32 and cache.device.type == "cpu" and heads > 0
