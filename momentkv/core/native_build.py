@@ -11,6 +11,7 @@ stands for ``None``, and the caller keeps its tensor path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -59,9 +60,10 @@ def private_folder(path: Path) -> Path:
     return path
 
 
+@functools.cache
 def cpu_features() -> bytes:
     """The CPU's model and feature flags (Linux ``/proc/cpuinfo``), for the key of a build tuned to this CPU;
-    empty where unknown."""
+    empty where unknown. Read once per process (each native source's build is keyed by it)."""
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:

@@ -144,9 +144,8 @@ class NativeStep:
             return None
         if not self._attention_taken(attention, shape):
             return None
-        b, h, t = shape
         total = torch.empty(shape, dtype=torch.float32)
-        victim = self._run(states, attention, positions, now, prompt_tokens, total, (b, h, t), None)
+        victim = self._run(states, attention, positions, now, prompt_tokens, total, tuple(shape), None)
         return None if victim is None else (total, victim)
 
     def paged(self, pools, total, positions, index, attention, now, prompt_tokens):

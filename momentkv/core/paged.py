@@ -87,11 +87,6 @@ class PagedStates:
         for pool, state in zip(self.pools, states):
             _scatter(pool, flat, state)
 
-    def reset(self, slots: torch.Tensor) -> None:
-        """New tokens arrive in ``slots`` (any shape of slot indices), in every head: their states start at zero."""
-        for pool in self.pools:
-            pool[..., slots.reshape(-1), :] = 0.0
-
     def reset_heads(self, slots: torch.Tensor) -> None:
         """A new token arrives in slot ``slots[i, h]`` of head ``h`` (``slots`` ``(n, kv_heads)``, a different slot
         per head, as eviction frees them): its states start at zero there."""

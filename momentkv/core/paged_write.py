@@ -31,6 +31,12 @@ def _rows(tensor: torch.Tensor, shape_tail, dtype) -> bool:
             and tuple(tensor.shape[1:]) == tuple(shape_tail) and tensor.stride(-1) == 1)
 
 
+def _exactly(tensor: torch.Tensor, shape, dtype) -> bool:
+    """A contiguous CPU tensor of ``shape`` and ``dtype`` (what the C++ reads with no strides)."""
+    return (tensor.device.type == "cpu" and tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape)
+            and tensor.is_contiguous())
+
+
 class PagedWrite:
     """Writes one layer's decode tokens into their slots (see the module docstring).
 
@@ -69,19 +75,14 @@ class PagedWrite:
             return False
         rows, d, bs = int(tokens.shape[0]), self.head_size, self.block_size
         num_slots = blocks * bs
-        if not (cache.dtype == torch.float32 and cache.device.type == "cpu" and heads > 0
+        if not (cache.dtype == torch.float32 and cache.device.type == "cpu"
                 and cache[0, 0].numel() >= 2 * bs * d and cache[0, 0].is_contiguous()
                 and _rows(key, (heads, d), torch.float32) and _rows(value, (heads, d), torch.float32)
                 and key.shape[0] == value.shape[0]
-                and tokens.device.type == "cpu" and tokens.dtype == torch.int64 and tokens.dim() == 1
-                and tokens.is_contiguous() and slots.shape == (rows, heads) and slots.dtype == torch.int64
-                and slots.is_contiguous() and slots.device.type == "cpu"
-                and positions.shape == (num_slots, heads) and positions.dtype == torch.int64
-                and positions.is_contiguous() and positions.device.type == "cpu"
-                and now.shape == (rows,) and now.dtype == torch.int64 and now.is_contiguous()
-                and now.device.type == "cpu"
-                and all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
-                        and tuple(p.shape[-2:]) == (num_slots, heads) and p.dim() in (2, 3) for p in pools)):
+                and _exactly(tokens, (rows,), torch.int64) and _exactly(slots, (rows, heads), torch.int64)
+                and _exactly(positions, (num_slots, heads), torch.int64) and _exactly(now, (rows,), torch.int64)
+                and all(p.dim() in (2, 3) and _exactly(p, (*p.shape[:-2], num_slots, heads), torch.float32)
+                        for p in pools)):
             return False
         addresses = (ctypes.c_int64 * max(len(pools), 1))(*(p.data_ptr() for p in pools))
         channels = (ctypes.c_int64 * max(len(pools), 1))(*(p.shape[0] if p.dim() == 3 else 1 for p in pools))

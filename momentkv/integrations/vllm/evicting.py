@@ -31,9 +31,9 @@ gathered for the core only where a scorer reads them (``Scorer.reads_cache``).
 Once a row's budget is full, a plan whose every-step scoring is one closed computation folds through the fused
 step, which also names each head's victim for the next token: on the CPU natively on the pools where they lie
 (:meth:`PagedStates.fold_in_place`: no gathered copy of states, positions or totals), elsewhere on gathered views
-(:meth:`LayerEviction.fold` with per-row ``now`` and context length); the impl keeps it beside the row's first generated slot, stamped with
-the fold's sequence index, and the next write takes it without ranking again (any row whose last fold was not
-such a step is ranked by the core as before).
+(:meth:`LayerEviction.fold` with per-row ``now`` and context length); the impl keeps it beside the row's first
+generated slot, stamped with the fold's sequence index, and the next write takes it without ranking again (any
+row whose last fold was not such a step is ranked by the core as before).
 
 What a device adds (:mod:`~momentkv.integrations.vllm.backend` for the CPU, :mod:`~momentkv.integrations.vllm.cuda`)
 is where a layer's keys and values lie in its ``kv_cache`` (:meth:`EvictingImpl._split`), and where it has them,
